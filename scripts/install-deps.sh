@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs every system package vmhost, its image recipe and its tests need (Debian 12, as root).
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+packages=(
+  qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
+  dnsmasq-base iptables nftables genisoimage mmdebstrap e2fsprogs cpio busybox-static
+  iproute2 openssh-client curl jq chromium
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi

@@ -1,0 +1,1 @@
+//! In-memory hypervisor — to be filled in.

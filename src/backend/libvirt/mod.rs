@@ -1,0 +1,1 @@
+//! libvirt backend — to be filled in.

@@ -1,0 +1,217 @@
+//! The only door to the hypervisor.
+//!
+//! [`VmBackend`] is a small, coarse interface: make a VM exist (disk overlay, seed image and
+//! domain definition), power it on and off, remove it with every file it owns, and observe it.
+//! [`libvirt::LibvirtBackend`] implements it on a real libvirt daemon; [`fake::FakeBackend`] is an
+//! in-memory hypervisor for component tests and `backend = "fake"`.
+//!
+//! Every method is idempotent where the operation allows it (`ensure_*`, `remove` of a missing
+//! VM is `Ok`), so the job runner can simply repeat an interrupted step after a crash.
+
+pub mod fake;
+pub mod libvirt;
+
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+use tokio::sync::broadcast;
+
+/// Hypervisor acceleration used for a domain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// Hardware virtualisation (`<domain type='kvm'>`).
+    Kvm,
+    /// Software emulation (`<domain type='qemu'>`).
+    Tcg,
+}
+
+/// How the guest boots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BootMode {
+    /// The disk carries its own bootloader (real cloud images).
+    Disk,
+    /// Direct kernel boot: the kernel and initrd live next to the base image.
+    Kernel { kernel: PathBuf, initrd: PathBuf, cmdline: String },
+}
+
+/// A network interface of the VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NicSpec {
+    /// Name of the libvirt network the NIC is attached to.
+    pub network: String,
+    /// MAC address, `52:54:00:xx:xx:xx`.
+    pub mac: String,
+}
+
+/// Everything the backend needs to create one VM (one rank of a job).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmSpec {
+    /// Domain name, unique on the host (`<prefix>-<job>-<rank>`).
+    pub name: String,
+    /// The job this VM belongs to; stamped into the domain metadata.
+    pub job_id: String,
+    pub rank: u32,
+    /// Identifies the vmhost instance that owns the domain (also in the metadata).
+    pub agent_id: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub accel: Accel,
+    pub boot: BootMode,
+    /// Read-only base image the overlay is backed by.
+    pub base_image: PathBuf,
+    /// Format of the base image as `qemu-img` names it (`qcow2`, `raw`).
+    pub base_format: String,
+    /// The job's qcow2 overlay; created by the backend, grown to `disk_gib`.
+    pub overlay: PathBuf,
+    pub disk_gib: u64,
+    /// The NoCloud seed image written by the backend from `seed_image`.
+    pub seed_path: PathBuf,
+    /// Bytes of the seed image (a vfat filesystem labelled CIDATA).
+    pub seed_image: Vec<u8>,
+    /// Serial console log file.
+    pub console_log: PathBuf,
+    pub nics: Vec<NicSpec>,
+}
+
+impl VmSpec {
+    /// Files this VM owns on the host, deleted by [`VmBackend::remove`].
+    pub fn files(&self) -> VmFiles {
+        VmFiles {
+            overlay: self.overlay.clone(),
+            seed: self.seed_path.clone(),
+            console_log: self.console_log.clone(),
+        }
+    }
+}
+
+/// The host files that belong to one VM.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VmFiles {
+    pub overlay: PathBuf,
+    pub seed: PathBuf,
+    pub console_log: PathBuf,
+}
+
+impl VmFiles {
+    pub fn all(&self) -> [&PathBuf; 3] {
+        [&self.overlay, &self.seed, &self.console_log]
+    }
+}
+
+/// Observed power state of a domain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PowerState {
+    Running,
+    Paused,
+    ShuttingDown,
+    ShutOff,
+    Crashed,
+}
+
+/// Why a domain stopped, as far as the hypervisor knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopCause {
+    /// The guest powered itself off (or honoured an ACPI request).
+    GuestShutdown,
+    /// Destroyed from the host (by vmhost or an operator).
+    Destroyed,
+    /// The QEMU process crashed or was killed.
+    Crashed,
+    /// Failed to start or some other reason.
+    Other,
+}
+
+/// A lifecycle event from the hypervisor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmEvent {
+    Started { name: String },
+    Stopped { name: String, cause: StopCause },
+    /// The guest asked to reboot; the domain stays up.
+    Rebooted { name: String },
+    Undefined { name: String },
+}
+
+impl VmEvent {
+    pub fn name(&self) -> &str {
+        match self {
+            VmEvent::Started { name }
+            | VmEvent::Stopped { name, .. }
+            | VmEvent::Rebooted { name }
+            | VmEvent::Undefined { name } => name,
+        }
+    }
+}
+
+/// A domain found on the host by [`VmBackend::list`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainInfo {
+    pub name: String,
+    /// `(agent_id, job_id, rank)` from the vmhost metadata, if the domain carries it.
+    pub owner: Option<DomainOwner>,
+    pub state: PowerState,
+}
+
+/// The vmhost stamp in a domain's metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainOwner {
+    pub agent_id: String,
+    pub job_id: String,
+    pub rank: u32,
+}
+
+/// Host resources as the hypervisor reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostInfo {
+    pub cpus: u32,
+    pub memory_mib: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("hypervisor is unavailable")]
+    Unavailable {
+        #[source]
+        err: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("domain {name} does not exist")]
+    NoSuchDomain { name: String },
+    #[error("failed to prepare the disk of {name}")]
+    Disk {
+        name: String,
+        #[source]
+        err: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("{op} failed for domain {name}")]
+    Hypervisor {
+        op: &'static str,
+        name: String,
+        #[source]
+        err: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// The hypervisor seam. See the module docs.
+#[async_trait]
+pub trait VmBackend: Send + Sync + 'static {
+    /// Creates the overlay, writes the seed and defines the domain, unless they already exist.
+    /// On failure nothing this call created is left behind.
+    async fn ensure_defined(&self, spec: &VmSpec) -> Result<(), BackendError>;
+    /// Boots a defined domain; `Ok` if it is already running.
+    async fn start(&self, name: &str) -> Result<(), BackendError>;
+    /// Asks the guest to power off (ACPI power button); returns at once.
+    async fn shutdown(&self, name: &str) -> Result<(), BackendError>;
+    /// Powers the domain off at once; `Ok` if it is not running.
+    async fn destroy(&self, name: &str) -> Result<(), BackendError>;
+    /// Powers off, undefines and deletes the VM's files; `Ok` if nothing is left already.
+    async fn remove(&self, name: &str, files: &VmFiles) -> Result<(), BackendError>;
+    /// Current power state, `None` when the domain does not exist.
+    async fn state(&self, name: &str) -> Result<Option<PowerState>, BackendError>;
+    /// Every domain on the host whose name starts with `prefix`.
+    async fn list(&self, prefix: &str) -> Result<Vec<DomainInfo>, BackendError>;
+    /// Host capacity; also a liveness probe of the hypervisor connection.
+    async fn host_info(&self) -> Result<HostInfo, BackendError>;
+    /// Lifecycle events of all domains. Events can be lost (daemon restart, lagging receiver),
+    /// so consumers also poll [`VmBackend::state`] periodically.
+    fn subscribe(&self) -> broadcast::Receiver<VmEvent>;
+}

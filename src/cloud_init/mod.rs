@@ -1,0 +1,48 @@
+//! NoCloud seed rendering (pure) — to be filled in.
+use std::net::Ipv4Addr;
+
+/// How one NIC gets its address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NicAddressing {
+    Dhcp,
+    Static { address: Ipv4Addr, prefix_len: u8, gateway: Option<Ipv4Addr>, dns: Vec<Ipv4Addr> },
+}
+
+/// A NIC as cloud-init network-config v2 sees it (matched by MAC).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeedNic {
+    pub mac: String,
+    pub addressing: NicAddressing,
+}
+
+/// Typed inputs of one VM's seed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeedSpec {
+    pub instance_id: String,
+    pub hostname: String,
+    pub login_user: String,
+    pub ssh_authorized_keys: Vec<String>,
+    /// The user's own cloud-config (already parsed into a JSON object), merged into ours.
+    pub extra_user_data: Option<serde_json::Map<String, serde_json::Value>>,
+    pub nics: Vec<SeedNic>,
+}
+
+/// The three files of a NoCloud seed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeedFiles {
+    pub meta_data: String,
+    pub user_data: String,
+    pub network_config: String,
+}
+
+/// Operator-editable defaults loaded from `cloud-init/`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeedTemplates {
+    pub user_data: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SeedError {
+    #[error("invalid seed input: {0}")]
+    Invalid(String),
+}

@@ -1,0 +1,1 @@
+//! Image catalog — to be filled in.
