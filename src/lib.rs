@@ -2,3 +2,10 @@
 pub mod backend;
 pub mod cloud_init;
 pub mod images;
+pub mod accel;
+pub mod api;
+pub mod config;
+pub mod jobs;
+pub mod server;
+pub mod store;
+pub mod telemetry;

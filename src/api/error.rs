@@ -1,0 +1,101 @@
+//! The one place where errors become HTTP statuses and UCloud error bodies.
+//!
+//! Every error leaves as `{"why": ..., "errorCode": ..., "statusCode": ...}`. 5xx responses
+//! carry a generic message; their full chain goes to the log only.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use crate::jobs::state::Denied;
+use crate::jobs::{JobError, SpecError};
+use crate::store::StoreError;
+use crate::telemetry::error_chain;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("missing or invalid bearer token")]
+    Unauthenticated,
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    NotSupported(String),
+    #[error("{0}")]
+    Busy(String),
+    #[error("internal error")]
+    Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl ApiError {
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "BAD_REQUEST"),
+            ApiError::Unauthenticated => (StatusCode::UNAUTHORIZED, "UNAUTHENTICATED"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "NOT_FOUND"),
+            ApiError::Conflict(_) => (StatusCode::CONFLICT, "CONFLICT"),
+            ApiError::NotSupported(_) => (StatusCode::BAD_REQUEST, "NOT_SUPPORTED"),
+            ApiError::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "BUSY"),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL_ERROR"),
+        }
+    }
+
+    /// The UCloud error body and its status.
+    pub fn body(&self) -> (StatusCode, serde_json::Value) {
+        let (status, code) = self.status_and_code();
+        let why = match self {
+            ApiError::Internal(e) => {
+                tracing::error!(error = %error_chain(e.as_ref()), "request failed");
+                "Internal error in vmhost; the operator can find details in its log".to_owned()
+            }
+            other => other.to_string(),
+        };
+        let body = serde_json::json!({
+            "why": why,
+            "errorCode": code,
+            "statusCode": status.as_u16(),
+        });
+        (status, body)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, body) = self.body();
+        (status, Json(body)).into_response()
+    }
+}
+
+impl From<JobError> for ApiError {
+    fn from(e: JobError) -> Self {
+        match e {
+            JobError::NotFound { .. } => ApiError::NotFound(e.to_string()),
+            JobError::InvalidSpec { ref source, .. } => match source {
+                SpecError::UnknownProduct { .. }
+                | SpecError::UnknownApplication { .. }
+                | SpecError::Invalid(_) => ApiError::BadRequest(e.to_string()),
+            },
+            JobError::Duplicate { .. } => ApiError::Conflict(e.to_string()),
+            JobError::Denied { denied, .. } => match denied {
+                Denied::AlreadyFinal
+                | Denied::NotRunning
+                | Denied::NotSuspended
+                | Denied::NotApplicable => ApiError::Conflict(e.to_string()),
+            },
+            JobError::NoDeadline { .. } | JobError::BadRequest(_) => {
+                ApiError::BadRequest(e.to_string())
+            }
+            JobError::Busy => ApiError::Busy(e.to_string()),
+            JobError::Store(err) => ApiError::Internal(Box::new(err)),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        ApiError::Internal(Box::new(e))
+    }
+}

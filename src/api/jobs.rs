@@ -1,0 +1,174 @@
+//! Handlers of the Jobs calls: create, retrieve, browse, search, terminate, extend, init.
+
+use axum::extract::State;
+use axum::Json;
+use base64::Engine;
+
+use super::error::ApiError;
+use super::extract::{AppJson, AppQuery, AuthUser};
+use super::types::{
+    wire_job, BrowseQuery, BulkRequest, BulkResponse, ExtendItem, FindByStringId, JobIncludeFlags,
+    PageV2, Resolved, RetrieveQuery, SearchRequest, Unit, WireJob,
+};
+use super::{products, AppState};
+use crate::jobs::{JobRecord, JobSpec};
+use crate::store::JobQuery;
+
+const DEFAULT_PAGE: u32 = 50;
+const MAX_PAGE: u32 = 250;
+
+pub(super) async fn jobs_create(
+    State(state): State<AppState>,
+    AuthUser(owner): AuthUser,
+    AppJson(request): AppJson<BulkRequest<JobSpec>>,
+) -> Result<Json<BulkResponse<FindByStringId>>, ApiError> {
+    let ids = state.manager.create(&owner, request.items).await?;
+    Ok(Json(BulkResponse { responses: ids.into_iter().map(|id| FindByStringId { id }).collect() }))
+}
+
+pub(super) async fn jobs_retrieve(
+    State(state): State<AppState>,
+    AuthUser(owner): AuthUser,
+    AppQuery(query): AppQuery<RetrieveQuery>,
+) -> Result<Json<WireJob>, ApiError> {
+    let job = state.manager.retrieve(&owner, &query.id).await?;
+    Ok(Json(to_wire(&state, &job, &query.flags).await))
+}
+
+pub(super) async fn jobs_browse(
+    State(state): State<AppState>,
+    AuthUser(owner): AuthUser,
+    AppQuery(query): AppQuery<BrowseQuery>,
+) -> Result<Json<PageV2<WireJob>>, ApiError> {
+    page(&state, &owner, query.flags, None, query.items_per_page, query.next).await.map(Json)
+}
+
+pub(super) async fn jobs_search(
+    State(state): State<AppState>,
+    AuthUser(owner): AuthUser,
+    AppJson(request): AppJson<SearchRequest>,
+) -> Result<Json<PageV2<WireJob>>, ApiError> {
+    let text = Some(request.query).filter(|q| !q.trim().is_empty());
+    page(&state, &owner, request.flags, text, request.items_per_page, request.next).await.map(Json)
+}
+
+pub(super) async fn jobs_terminate(
+    State(state): State<AppState>,
+    AuthUser(owner): AuthUser,
+    AppJson(request): AppJson<BulkRequest<FindByStringId>>,
+) -> Result<Json<BulkResponse<Unit>>, ApiError> {
+    let ids: Vec<String> = request.items.into_iter().map(|i| i.id).collect();
+    state.manager.terminate(&owner, &ids).await?;
+    Ok(Json(BulkResponse { responses: ids.iter().map(|_| Unit {}).collect() }))
+}
+
+pub(super) async fn jobs_extend(
+    State(state): State<AppState>,
+    AuthUser(owner): AuthUser,
+    AppJson(request): AppJson<BulkRequest<ExtendItem>>,
+) -> Result<Json<BulkResponse<Unit>>, ApiError> {
+    let items: Vec<_> = request.items.into_iter().map(|i| (i.job_id, i.requested_time)).collect();
+    state.manager.extend(&owner, &items).await?;
+    Ok(Json(BulkResponse { responses: items.iter().map(|_| Unit {}).collect() }))
+}
+
+/// Nothing needs initialising per user on a standalone host; UCloud may call it any time.
+pub(super) async fn jobs_init(AuthUser(_): AuthUser) -> Json<Unit> {
+    Json(Unit {})
+}
+
+pub(super) async fn jobs_not_supported(AuthUser(_): AuthUser) -> ApiError {
+    ApiError::NotSupported("this operation is not supported by this provider yet".into())
+}
+
+async fn page(
+    state: &AppState,
+    owner: &crate::jobs::Owner,
+    flags: JobIncludeFlags,
+    text: Option<String>,
+    items_per_page: Option<u32>,
+    next: Option<String>,
+) -> Result<PageV2<WireJob>, ApiError> {
+    let items_per_page = items_per_page.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
+    let before_id = next.as_deref().map(decode_cursor).transpose()?;
+    let mut query = query_from_flags(&flags);
+    query.text = text;
+    query.before_id = before_id;
+    // One extra row tells whether another page exists without a count query.
+    query.limit = Some(items_per_page + 1);
+    let mut jobs = state.manager.browse(owner, query).await?;
+    let more = jobs.len() > items_per_page as usize;
+    jobs.truncate(items_per_page as usize);
+    let next = more.then(|| jobs.last().map(|j| encode_cursor(&j.id))).flatten();
+    let mut items = Vec::with_capacity(jobs.len());
+    for job in &jobs {
+        items.push(to_wire(state, job, &flags).await);
+    }
+    Ok(PageV2 { items_per_page, items, next })
+}
+
+fn query_from_flags(flags: &JobIncludeFlags) -> JobQuery {
+    let list = |s: &Option<String>| {
+        s.as_ref().map(|s| s.split(',').map(|p| p.trim().to_owned()).filter(|p| !p.is_empty()).collect())
+    };
+    let mut providers: Option<Vec<String>> = list(&flags.filter_provider_ids);
+    if let Some(p) = &flags.filter_provider {
+        providers.get_or_insert_with(Vec::new).push(p.clone());
+    }
+    JobQuery {
+        ids: list(&flags.filter_ids),
+        state: flags.filter_state,
+        app_name: flags.filter_application.clone(),
+        created_by: flags.filter_created_by.clone(),
+        created_after: flags.filter_created_after,
+        created_before: flags.filter_created_before,
+        providers,
+        product_id: flags.filter_product_id.clone(),
+        product_category: flags.filter_product_category.clone(),
+        hide_product_id: flags.hide_product_id.clone(),
+        hide_product_category: flags.hide_product_category.clone(),
+        hide_provider: flags.hide_provider.clone(),
+        ..JobQuery::default()
+    }
+}
+
+/// Page cursors are opaque to clients: the last id seen, versioned and encoded.
+fn encode_cursor(id: &str) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("v1:{id}"))
+}
+
+fn decode_cursor(cursor: &str) -> Result<i64, ApiError> {
+    let bad = || ApiError::BadRequest("invalid next token".into());
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(cursor).map_err(|_| bad())?;
+    let text = String::from_utf8(bytes).map_err(|_| bad())?;
+    text.strip_prefix("v1:").and_then(|id| id.parse().ok()).ok_or_else(bad)
+}
+
+pub(super) async fn to_wire(state: &AppState, job: &JobRecord, flags: &JobIncludeFlags) -> WireJob {
+    let config = state.manager.config();
+    let product = config.product(&job.spec.product.id, &job.spec.product.category);
+    let support = match (flags.include_support.unwrap_or(false), product) {
+        (true, Some(p)) => products::support_for(state, p).await,
+        _ => serde_json::Value::Null,
+    };
+    let resolved = Resolved {
+        product,
+        image: state.manager.catalog().find(&job.spec.application.name, &job.spec.application.version),
+        provider_id: &config.provider_id,
+        support,
+    };
+    wire_job(job, flags, &resolved)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_garbage_is_refused() {
+        assert_eq!(decode_cursor(&encode_cursor("42")).unwrap(), 42);
+        for bad in ["", "!!", "djE6", "eDo0Mg"] {
+            assert!(decode_cursor(bad).is_err(), "{bad}");
+        }
+    }
+}

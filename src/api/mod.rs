@@ -1,0 +1,66 @@
+//! The HTTP and WebSocket surface: UCloud's end-user Jobs API, served standalone.
+//!
+//! Handlers only translate: extract and authenticate, call [`crate::jobs::JobManager`], map the
+//! result. HTTP statuses are chosen in [`error`] alone.
+
+mod error;
+mod extract;
+mod follow;
+mod jobs;
+mod products;
+pub mod types;
+
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use sha2::{Digest, Sha256};
+
+pub use error::ApiError;
+
+use crate::jobs::{JobManager, Owner};
+
+/// Shared state of every handler.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    pub manager: JobManager,
+    /// SHA-256 of each user's token, with the user's name.
+    users: Arc<Vec<([u8; 32], String)>>,
+}
+
+impl AppState {
+    pub fn new(manager: JobManager, users: &[crate::config::UserConfig]) -> AppState {
+        let users = users.iter().map(|u| (Sha256::digest(u.token.as_bytes()).into(), u.name.clone()));
+        AppState { manager, users: Arc::new(users.collect()) }
+    }
+
+    /// Comparing digests rather than tokens keeps the comparison time independent of how
+    /// much of a guessed token is right.
+    pub fn user_for_token(&self, token: &str) -> Option<Owner> {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        self.users.iter().find(|(d, _)| *d == digest).map(|(_, name)| Owner(name.clone()))
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    let body_limit = state.manager.config().max_body_bytes;
+    Router::new()
+        .route("/api/jobs", post(jobs::jobs_create).get(follow::jobs_follow))
+        .route("/api/jobs/retrieve", get(jobs::jobs_retrieve))
+        .route("/api/jobs/browse", get(jobs::jobs_browse))
+        .route("/api/jobs/search", post(jobs::jobs_search))
+        .route("/api/jobs/terminate", post(jobs::jobs_terminate))
+        .route("/api/jobs/extend", post(jobs::jobs_extend))
+        .route("/api/jobs/init", post(jobs::jobs_init))
+        .route("/api/jobs/suspend", post(jobs::jobs_not_supported))
+        .route("/api/jobs/unsuspend", post(jobs::jobs_not_supported))
+        .route("/api/jobs/interactiveSession", post(jobs::jobs_not_supported))
+        .route("/api/jobs/updateAcl", post(jobs::jobs_not_supported))
+        .route("/api/jobs/retrieveProducts", get(products::jobs_retrieve_products))
+        .route("/api/jobs/retrieveUtilization", get(products::jobs_retrieve_utilization))
+        .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(state)
+}

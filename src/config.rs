@@ -1,0 +1,276 @@
+//! Daemon configuration: one TOML file, every key with an embedded default.
+//!
+//! `vmhost serve` without `--config` runs on [`Config::default`]: SQLite store and disks under
+//! `/var/lib/vmhost`, the local libvirt daemon, the shipped image catalog and two products.
+//! Semantic checks run once at startup in [`Config::validate`], never lazily.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::accel::AccelSetting;
+
+/// Which hypervisor implementation to drive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Libvirt,
+    /// In-memory hypervisor: no libvirt needed, VMs are simulated.
+    Fake,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// HTTP + WebSocket listener.
+    pub listen: SocketAddr,
+    /// Store, disks, seeds and console logs live here.
+    pub data_dir: PathBuf,
+    pub backend: BackendKind,
+    pub libvirt_uri: String,
+    pub accel: AccelSetting,
+    /// The providerId and product category provider.
+    pub provider_id: String,
+    /// Public base URL of this vmhost as browsers reach it (scheme, host, port, path prefix).
+    pub public_url: String,
+    /// Every domain vmhost creates is named `<domain_prefix>-<job>-<rank>`.
+    pub domain_prefix: String,
+    /// Where built or hand-placed base images live (relative catalog paths resolve here).
+    pub image_dir: PathBuf,
+    /// Image catalog file; the shipped `images/catalog.toml` when unset.
+    pub catalog: Option<PathBuf>,
+    /// Directory with operator cloud-init templates; the shipped `cloud-init/` when unset.
+    pub cloud_init_dir: Option<PathBuf>,
+    /// libvirt network every VM gets a NIC on (DHCP); no NIC when unset.
+    pub network: Option<String>,
+    /// Largest accepted request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Interval of the periodic power-state sync against the hypervisor, in seconds.
+    pub sync_interval_secs: u64,
+    /// Largest accepted `replicas`.
+    pub max_replicas: u32,
+    pub users: Vec<UserConfig>,
+    pub products: Vec<ProductConfig>,
+}
+
+/// A standalone API user and their bearer token.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    pub token: String,
+}
+
+/// A machine type offered to users.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProductConfig {
+    pub name: String,
+    pub category: String,
+    #[serde(default)]
+    pub description: String,
+    pub cpu: u32,
+    pub memory_in_gigs: u32,
+    #[serde(default)]
+    pub gpu: u32,
+    /// Size of the VM's disk in GiB (the overlay is grown to this).
+    pub disk_gib: u32,
+    /// Price per unit, in the unit of `unit_of_price`.
+    #[serde(default)]
+    pub price_per_unit: u64,
+    #[serde(default = "default_unit_of_price")]
+    pub unit_of_price: String,
+}
+
+fn default_unit_of_price() -> String {
+    "CREDITS_PER_MINUTE".to_owned()
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("/var/lib/vmhost"),
+            backend: BackendKind::Libvirt,
+            libvirt_uri: "qemu:///system".to_owned(),
+            accel: AccelSetting::Auto,
+            provider_id: "vmhost".to_owned(),
+            public_url: "http://127.0.0.1:8080".to_owned(),
+            domain_prefix: "vmhost".to_owned(),
+            image_dir: PathBuf::from("/var/lib/vmhost/images"),
+            catalog: None,
+            cloud_init_dir: None,
+            network: None,
+            max_body_bytes: 1024 * 1024,
+            sync_interval_secs: 10,
+            max_replicas: 8,
+            users: Vec::new(),
+            products: default_products(),
+        }
+    }
+}
+
+fn default_products() -> Vec<ProductConfig> {
+    let product = |name: &str, cpu, memory_in_gigs, disk_gib, price_per_unit| ProductConfig {
+        name: name.to_owned(),
+        category: "vm".to_owned(),
+        description: format!("{cpu} vCPU, {memory_in_gigs} GiB RAM, {disk_gib} GiB disk"),
+        cpu,
+        memory_in_gigs,
+        gpu: 0,
+        disk_gib,
+        price_per_unit,
+        unit_of_price: default_unit_of_price(),
+    };
+    vec![product("vm-small", 1, 1, 8, 1), product("vm-medium", 2, 2, 20, 2)]
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        err: std::io::Error,
+    },
+    #[error("cannot parse config file {path}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        err: toml::de::Error,
+    },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|err| ConfigError::Io { path: path.to_owned(), err })?;
+        Self::parse(&text).map_err(|err| match err {
+            ConfigError::Io { err, .. } => ConfigError::Io { path: path.to_owned(), err },
+            ConfigError::Parse { err, .. } => ConfigError::Parse { path: path.to_owned(), err },
+            other => other,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text)
+            .map_err(|err| ConfigError::Parse { path: PathBuf::from("<inline>"), err })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks that cannot be expressed in the types.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.products.is_empty() {
+            return invalid("at least one [[products]] entry is required".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        for p in &self.products {
+            if !names.insert(&p.name) {
+                return invalid(format!("product {:?} is defined twice", p.name));
+            }
+            if p.cpu == 0 || p.memory_in_gigs == 0 || p.disk_gib == 0 {
+                return invalid(format!("product {:?} needs cpu, memory_in_gigs and disk_gib > 0", p.name));
+            }
+            if p.name.is_empty() || p.category.is_empty() {
+                return invalid("products need a name and a category".into());
+            }
+        }
+        let mut tokens = std::collections::HashSet::new();
+        for u in &self.users {
+            if u.name.is_empty() || u.token.len() < 8 {
+                return invalid(format!("user {:?} needs a name and a token of 8+ characters", u.name));
+            }
+            if !tokens.insert(&u.token) {
+                return invalid(format!("user {:?} shares a token with another user", u.name));
+            }
+        }
+        let prefix_ok = !self.domain_prefix.is_empty()
+            && self.domain_prefix.len() <= 32
+            && self.domain_prefix.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+        if !prefix_ok {
+            return invalid("domain_prefix must be 1-32 characters of [A-Za-z0-9-]".into());
+        }
+        if self.max_replicas == 0 {
+            return invalid("max_replicas must be at least 1".into());
+        }
+        if self.sync_interval_secs == 0 {
+            return invalid("sync_interval_secs must be at least 1".into());
+        }
+        if !(self.public_url.starts_with("http://") || self.public_url.starts_with("https://")) {
+            return invalid("public_url must start with http:// or https://".into());
+        }
+        Ok(())
+    }
+
+    pub fn product(&self, name: &str, category: &str) -> Option<&ProductConfig> {
+        self.products.iter().find(|p| p.name == name && p.category == category)
+    }
+
+    pub fn store_path(&self) -> PathBuf {
+        self.data_dir.join("vmhost.sqlite3")
+    }
+
+    pub fn vm_dir(&self) -> PathBuf {
+        self.data_dir.join("vms")
+    }
+
+    pub fn image_cache_dir(&self) -> PathBuf {
+        self.data_dir.join("image-cache")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issue_example_config_parses() {
+        let c = Config::parse(
+            r#"
+            listen = "127.0.0.1:8080"
+            data_dir = "/var/lib/vmhost"
+            backend = "libvirt"
+            libvirt_uri = "qemu:///system"
+            accel = "auto"
+            provider_id = "vmhost"
+            [[users]]
+            name = "user"
+            token = "secret-user-token"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.users[0].name, "user");
+        assert_eq!(c.backend, BackendKind::Libvirt);
+        assert_eq!(c.products.len(), 2, "embedded products stay when none are given");
+    }
+
+    #[test]
+    fn shipped_example_configs_parse() {
+        for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/configs")).unwrap() {
+            let path = entry.unwrap().path();
+            Config::from_file(&path).unwrap_or_else(|e| panic!("{}: {e:?}", path.display()));
+        }
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        assert!(matches!(Config::parse("listn = \"x\""), Err(ConfigError::Parse { .. })));
+        assert!(matches!(Config::parse("backend = \"xen\""), Err(ConfigError::Parse { .. })));
+        let dup = r#"
+            [[users]]
+            name = "a"
+            token = "same-token-1"
+            [[users]]
+            name = "b"
+            token = "same-token-1"
+        "#;
+        assert!(matches!(Config::parse(dup), Err(ConfigError::Invalid(_))));
+        assert!(matches!(Config::parse("domain_prefix = \"a b\""), Err(ConfigError::Invalid(_))));
+        assert!(matches!(Config::parse("max_replicas = 0"), Err(ConfigError::Invalid(_))));
+    }
+}

@@ -1,0 +1,94 @@
+//! Jobs: the front door ([`JobManager`]) and one runner task per active job.
+//!
+//! The manager validates requests, records them in the store and hands each active job to its
+//! runner (see [`runner`]); the runner is the only code that changes that job's VMs. Reads go
+//! straight to the store. Every change to a job is published on a broadcast channel that
+//! `follow` streams from.
+//!
+//! Ordering rule: the store is written *before* the reply, and before the host is touched, so
+//! a crash at any point is repaired by [`reconcile`] on the next start.
+
+pub mod console;
+mod manager;
+mod naming;
+pub mod reconcile;
+mod runner;
+pub mod spec;
+pub mod state;
+
+use serde::{Deserialize, Serialize};
+
+pub use manager::{JobChange, JobManager, JobManagerDeps, Owner, Usage};
+pub use naming::VmNaming;
+pub use spec::{JobSpec, LaunchPlan, SpecError};
+pub use state::{JobState, StopKind};
+
+/// One entry of a job's history (`JobUpdate` on the wire).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobUpdate {
+    /// Milliseconds since the epoch.
+    pub timestamp: i64,
+    pub state: Option<JobState>,
+    pub status: Option<String>,
+}
+
+/// A job as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRecord {
+    pub id: String,
+    pub owner: String,
+    pub state: JobState,
+    pub spec: JobSpec,
+    pub created_at: i64,
+    pub started_at: Option<i64>,
+    pub expires_at: Option<i64>,
+    pub terminate_requested: bool,
+    /// The time allocation including extensions, in milliseconds.
+    pub allocation_ms: Option<i64>,
+    pub updates: Vec<JobUpdate>,
+}
+
+/// The status messages users see, in one place.
+pub mod messages {
+    pub const QUEUED: &str = "Your job is now waiting in the queue!";
+    pub const RUNNING: &str = "Your job is now running!";
+    pub const CANCELLED: &str = "Your job has been cancelled!";
+    pub const POWERED_OFF_INSIDE: &str = "The virtual machine was powered off from inside";
+    pub const POWERED_OFF_HOST: &str =
+        "The virtual machine was powered off from the host, outside vmhost; its disk is kept";
+    pub const CRASHED: &str =
+        "The virtual machine stopped unexpectedly (QEMU crashed or was killed); its disk is kept";
+    pub const VANISHED: &str =
+        "The virtual machine disappeared from the hypervisor; vmhost cleaned up its files";
+    pub const EXPIRED: &str = "Your job has expired: its time allocation ran out";
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("job {id} does not exist")]
+    NotFound { id: String },
+    #[error("item {index}: {source}")]
+    InvalidSpec {
+        index: usize,
+        #[source]
+        source: SpecError,
+    },
+    #[error("item {index}: an identical job ({existing}) is already active; set allowDuplicateJob to start another")]
+    Duplicate { index: usize, existing: String },
+    #[error("job {id}: {denied}")]
+    Denied { id: String, denied: state::Denied },
+    #[error("job {id} has no time allocation to extend")]
+    NoDeadline { id: String },
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("the job runner is busy; retry shortly")]
+    Busy,
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// Milliseconds since the epoch, the timestamp unit of the UCloud API.
+pub fn now_millis() -> i64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    now.map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}

@@ -1,0 +1,352 @@
+//! One task per active job: the only code that changes the job's VMs.
+//!
+//! The runner loops: read the job from the store, then do what its state asks for —
+//! provision an `IN_QUEUE` job, watch a `RUNNING` one (events, periodic sync, deadline), wait
+//! on a `SUSPENDED` one, tear down one whose terminate was requested. Every message merely
+//! wakes it; it always re-reads the store, so a dropped message or a restart loses nothing.
+//!
+//! Provisioning writes each VM's store record before creating anything on the host, and a
+//! failure removes everything created so far before the job becomes FAILURE.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use super::manager::Inner;
+use super::state::{self, JobEvent, JobState, StopKind};
+use super::{messages, now_millis, spec, JobError, JobRecord, VmNaming};
+use crate::backend::{BackendError, BootMode, NicSpec, PowerState, StopCause, VmEvent, VmFiles, VmSpec};
+use crate::cloud_init::{self, NicAddressing, SeedNic, SeedSpec};
+use crate::images::BootKind;
+use crate::store::VmRecord;
+use crate::telemetry::error_chain;
+
+/// What wakes a runner.
+#[derive(Debug)]
+pub(super) enum RunnerMsg {
+    /// Something changed in the store (terminate, extend): re-read it.
+    Wake,
+    /// A hypervisor event about one of this job's domains.
+    Vm(VmEvent),
+}
+
+/// How long to wait before retrying a teardown the hypervisor refused.
+const TEARDOWN_RETRY: Duration = Duration::from_secs(5);
+
+pub(super) async fn run(ctx: Arc<Inner>, job_id: String, mut rx: mpsc::Receiver<RunnerMsg>) {
+    let span = tracing::info_span!("job", job_id = %job_id);
+    async {
+        loop {
+            let job = match ctx.deps.store.job(&job_id).await {
+                Ok(Some(job)) => job,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::error!(error = %error_chain(&e), "cannot read job; runner retries");
+                    tokio::time::sleep(TEARDOWN_RETRY).await;
+                    continue;
+                }
+            };
+            let step = if job.state.is_final() {
+                break;
+            } else if job.terminate_requested {
+                teardown(&ctx, &job, JobEvent::Terminated).await
+            } else {
+                match job.state {
+                    JobState::InQueue => provision(&ctx, &job).await,
+                    JobState::Running => watch_running(&ctx, &job, &mut rx).await,
+                    _ => wait_for_change(&ctx, &job, &mut rx).await,
+                }
+            };
+            if let Err(e) = step {
+                tracing::error!(error = %error_chain(&e), "job step failed; retrying");
+                tokio::time::sleep(TEARDOWN_RETRY).await;
+            }
+        }
+        ctx.runner_finished(&job_id);
+    }
+    .instrument(span)
+    .await;
+}
+
+async fn provision(ctx: &Inner, job: &JobRecord) -> Result<(), JobError> {
+    let deps = &ctx.deps;
+    let plan = match spec::validate(&job.spec, &deps.config, &deps.catalog) {
+        Ok(plan) => plan,
+        Err(e) => return fail(ctx, job, &format!("The job can no longer start: {e}")).await,
+    };
+    let local = match deps.images.ensure_local(&plan.image).await {
+        Ok(local) => local,
+        Err(e) => {
+            let why = format!("The base image is not available: {}", error_chain(&e));
+            return fail(ctx, job, &why).await;
+        }
+    };
+    for rank in 0..plan.replicas {
+        let record = deps.naming.record(&job.id, rank);
+        deps.store.put_vm(record.clone()).await?;
+        let started = async {
+            let spec = vm_spec(ctx, job, &plan, &local, &record)?;
+            deps.backend.ensure_defined(&spec).await.map_err(StartError::Backend)?;
+            deps.backend.start(&record.domain).await.map_err(StartError::Backend)
+        };
+        if let Err(e) = started.await {
+            tracing::error!(rank, error = %error_chain(&e), "failed to start VM");
+            remove_all(ctx, job).await?;
+            return fail(ctx, job, &format!("Failed to start the virtual machine: {}", e.user_message())).await;
+        }
+        tracing::info!(rank, domain = %record.domain, "VM started");
+    }
+    if job.expires_at.is_none() {
+        if let Some(allocation) = job.allocation_ms {
+            deps.store.set_expires_at(&job.id, now_millis() + allocation).await?;
+        }
+    }
+    ctx.record(&job.id, Some(JobState::Running), messages::RUNNING).await
+}
+
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    #[error("invalid cloud-init seed")]
+    Seed(#[from] cloud_init::SeedError),
+    #[error(transparent)]
+    Backend(BackendError),
+}
+
+impl StartError {
+    /// What the user is told: the seed problem, or the hypervisor's own words.
+    fn user_message(&self) -> String {
+        error_chain(self)
+    }
+}
+
+fn vm_spec(
+    ctx: &Inner,
+    job: &JobRecord,
+    plan: &spec::LaunchPlan,
+    local: &crate::images::LocalImage,
+    record: &VmRecord,
+) -> Result<VmSpec, StartError> {
+    let deps = &ctx.deps;
+    let naming = &deps.naming;
+    let nics: Vec<NicSpec> = deps
+        .config
+        .network
+        .iter()
+        .enumerate()
+        .map(|(i, network)| NicSpec {
+            network: network.clone(),
+            mac: naming.mac(&job.id, record.rank, u32::try_from(i).unwrap_or(u32::MAX)),
+        })
+        .collect();
+    let seed = SeedSpec {
+        instance_id: VmNaming::instance_id(&job.id, record.rank),
+        hostname: spec::hostname(&job.id, job.spec.name.as_deref(), record.rank, plan.replicas),
+        login_user: plan.image.login_user.clone(),
+        ssh_authorized_keys: plan.ssh_keys.clone(),
+        extra_user_data: plan.user_data.clone(),
+        nics: nics
+            .iter()
+            .map(|nic| SeedNic { mac: nic.mac.clone(), addressing: NicAddressing::Dhcp })
+            .collect(),
+    };
+    let files = cloud_init::render(&seed, &deps.templates)?;
+    let seed_image = cloud_init::vfat_image(&files)?;
+    let boot = match plan.image.boot {
+        BootKind::Disk => BootMode::Disk,
+        BootKind::Kernel => BootMode::Kernel {
+            kernel: local.kernel.clone().unwrap_or_default(),
+            initrd: local.initrd.clone().unwrap_or_default(),
+            cmdline: plan.image.cmdline.clone().unwrap_or_default(),
+        },
+    };
+    Ok(VmSpec {
+        name: record.domain.clone(),
+        job_id: job.id.clone(),
+        rank: record.rank,
+        agent_id: naming.agent_id.clone(),
+        vcpus: plan.product.cpu,
+        memory_mib: u64::from(plan.product.memory_in_gigs) * 1024,
+        accel: deps.accel,
+        boot,
+        base_image: local.disk.clone(),
+        base_format: local.format.clone(),
+        overlay: record.overlay.clone(),
+        disk_gib: plan.disk_gib,
+        seed_path: record.seed.clone(),
+        seed_image,
+        console_log: record.console_log.clone(),
+        nics,
+    })
+}
+
+/// Watches a running job until something needs the main loop: an event that changes its
+/// state, a message, its deadline.
+async fn watch_running(
+    ctx: &Inner,
+    job: &JobRecord,
+    rx: &mut mpsc::Receiver<RunnerMsg>,
+) -> Result<(), JobError> {
+    let sync_every = Duration::from_secs(ctx.deps.config.sync_interval_secs);
+    // The first tick is immediate: a job re-adopted after a restart is checked at once.
+    let mut sync = tokio::time::interval(sync_every);
+    let deadline = job.expires_at.map(|at| {
+        let left = u64::try_from(at - now_millis()).unwrap_or(0);
+        tokio::time::Instant::now() + Duration::from_millis(left)
+    });
+    loop {
+        tokio::select! {
+            // A deadline that passed wins over queued messages: expiry is not negotiable.
+            biased;
+            () = sleep_until_opt(deadline) => {
+                return teardown(ctx, job, JobEvent::Expired).await;
+            }
+            msg = rx.recv() => match msg {
+                None | Some(RunnerMsg::Wake) => return Ok(()),
+                Some(RunnerMsg::Vm(event)) => {
+                    if let Some(event) = classify(&event) {
+                        return on_vm_event(ctx, job, event).await;
+                    }
+                }
+            },
+            _ = sync.tick() => {
+                if let Some(event) = sync_power_state(ctx, job).await? {
+                    return on_vm_event(ctx, job, event).await;
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The job event a hypervisor event means for a running job, if any.
+fn classify(event: &VmEvent) -> Option<JobEvent> {
+    match event {
+        VmEvent::Stopped { cause, .. } => Some(JobEvent::Stopped(match cause {
+            StopCause::GuestShutdown => StopKind::FromInside,
+            StopCause::Destroyed => StopKind::FromHost,
+            StopCause::Crashed | StopCause::Other => StopKind::Crashed,
+        })),
+        VmEvent::Undefined { .. } => Some(JobEvent::Vanished),
+        VmEvent::Started { .. } | VmEvent::Rebooted { .. } => None,
+    }
+}
+
+/// Compares every replica's real power state with RUNNING.
+async fn sync_power_state(ctx: &Inner, job: &JobRecord) -> Result<Option<JobEvent>, JobError> {
+    for vm in ctx.deps.store.vms(&job.id).await? {
+        match ctx.deps.backend.state(&vm.domain).await {
+            Ok(None) => return Ok(Some(JobEvent::Vanished)),
+            Ok(Some(PowerState::ShutOff)) => return Ok(Some(JobEvent::Stopped(StopKind::FromHost))),
+            Ok(Some(PowerState::Crashed)) => return Ok(Some(JobEvent::Stopped(StopKind::Crashed))),
+            Ok(Some(_)) => {}
+            // The hypervisor being unreachable says nothing about the VM; try next tick.
+            Err(e) => tracing::warn!(error = %error_chain(&e), "power-state sync failed"),
+        }
+    }
+    Ok(None)
+}
+
+async fn on_vm_event(ctx: &Inner, job: &JobRecord, event: JobEvent) -> Result<(), JobError> {
+    let Ok(next) = state::transition(job.state, event) else { return Ok(()) };
+    let message = match event {
+        JobEvent::Stopped(StopKind::FromInside) => messages::POWERED_OFF_INSIDE,
+        JobEvent::Stopped(StopKind::FromHost) => messages::POWERED_OFF_HOST,
+        JobEvent::Stopped(StopKind::Crashed) => messages::CRASHED,
+        JobEvent::Vanished => {
+            remove_all(ctx, job).await?;
+            messages::VANISHED
+        }
+        _ => return Ok(()),
+    };
+    if event != JobEvent::Vanished {
+        // Stop every other replica too: a job is powered on or off as a whole.
+        for vm in ctx.deps.store.vms(&job.id).await? {
+            if let Err(e) = ctx.deps.backend.destroy(&vm.domain).await {
+                tracing::warn!(domain = %vm.domain, error = %error_chain(&e), "cannot stop replica");
+            }
+        }
+    }
+    tracing::info!(?event, next = next.as_str(), "VM state changed outside vmhost");
+    ctx.record(&job.id, Some(next), message).await
+}
+
+/// A job that is neither starting nor running waits for a message or a sync tick.
+async fn wait_for_change(
+    ctx: &Inner,
+    job: &JobRecord,
+    rx: &mut mpsc::Receiver<RunnerMsg>,
+) -> Result<(), JobError> {
+    let sync_every = Duration::from_secs(ctx.deps.config.sync_interval_secs);
+    tokio::select! {
+        msg = rx.recv() => {
+            if msg.is_none() {
+                // Every sender is gone: the manager is shutting down.
+                std::future::pending::<()>().await;
+            }
+        }
+        () = tokio::time::sleep(sync_every) => {
+            let vms = ctx.deps.store.vms(&job.id).await?;
+            for vm in &vms {
+                if let Ok(None) = ctx.deps.backend.state(&vm.domain).await {
+                    remove_all(ctx, job).await?;
+                    return ctx.record(&job.id, Some(JobState::Failure), messages::VANISHED).await;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Removes every VM of the job and records the final state.
+async fn teardown(ctx: &Inner, job: &JobRecord, event: JobEvent) -> Result<(), JobError> {
+    let next = state::transition(job.state, event)
+        .map_err(|denied| JobError::Denied { id: job.id.clone(), denied })?;
+    remove_all(ctx, job).await?;
+    let message = if event == JobEvent::Expired { messages::EXPIRED } else { messages::CANCELLED };
+    tracing::info!(state = next.as_str(), "job torn down");
+    ctx.record(&job.id, Some(next), message).await
+}
+
+/// Removes every VM the store says the job owns; a VM record goes only after its VM is gone.
+async fn remove_all(ctx: &Inner, job: &JobRecord) -> Result<(), JobError> {
+    for vm in ctx.deps.store.vms(&job.id).await? {
+        remove_vm(ctx, &vm).await?;
+    }
+    Ok(())
+}
+
+pub(super) async fn remove_vm(ctx: &Inner, vm: &VmRecord) -> Result<(), JobError> {
+    let files = VmFiles {
+        overlay: vm.overlay.clone(),
+        seed: vm.seed.clone(),
+        console_log: vm.console_log.clone(),
+    };
+    loop {
+        match ctx.deps.backend.remove(&vm.domain, &files).await {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::warn!(domain = %vm.domain, error = %error_chain(&e), "remove failed; retrying");
+                tokio::time::sleep(TEARDOWN_RETRY).await;
+            }
+        }
+    }
+    match tokio::fs::remove_dir(&vm.dir).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(dir = %vm.dir.display(), error = %e, "cannot remove VM directory"),
+    }
+    ctx.deps.store.delete_vm(&vm.domain).await?;
+    Ok(())
+}
+
+async fn fail(ctx: &Inner, job: &JobRecord, why: &str) -> Result<(), JobError> {
+    ctx.record(&job.id, Some(JobState::Failure), why).await
+}

@@ -1,0 +1,276 @@
+//! A job's specification, as UCloud shapes it, and its validation against what this host offers.
+//!
+//! [`JobSpec`] is stored as given (so `retrieve` echoes it back); [`validate`] turns it into a
+//! [`LaunchPlan`], the typed inputs the runner needs. Validation is pure: it reads the
+//! products, the image catalog and the seed rules, and never touches the host, so a refused
+//! request changes nothing.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::cloud_init;
+use crate::config::{Config, ProductConfig};
+use crate::images::{Catalog, ImageEntry};
+
+/// `NameAndVersion`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppRef {
+    pub name: String,
+    pub version: String,
+}
+
+/// `ProductReference`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProductRef {
+    pub id: String,
+    pub category: String,
+    pub provider: String,
+}
+
+/// `SimpleDuration`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimpleDuration {
+    pub hours: u32,
+    pub minutes: u32,
+    pub seconds: u32,
+}
+
+impl SimpleDuration {
+    pub fn as_millis(self) -> i64 {
+        (i64::from(self.hours) * 3600 + i64::from(self.minutes) * 60 + i64::from(self.seconds))
+            * 1000
+    }
+}
+
+/// UCloud's `JobSpecification`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JobSpec {
+    pub application: AppRef,
+    pub product: ProductRef,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub replicas: Option<u32>,
+    #[serde(default)]
+    pub allow_duplicate_job: Option<bool>,
+    #[serde(default)]
+    pub parameters: Option<Map<String, Value>>,
+    #[serde(default)]
+    pub resources: Option<Vec<Value>>,
+    #[serde(default)]
+    pub time_allocation: Option<SimpleDuration>,
+    #[serde(default)]
+    pub opened_file: Option<String>,
+    #[serde(default)]
+    pub restart_on_exit: Option<bool>,
+}
+
+impl JobSpec {
+    pub fn replicas(&self) -> u32 {
+        self.replicas.unwrap_or(1)
+    }
+
+    /// Identity for duplicate detection: everything that shapes the VM, not its display name.
+    pub fn fingerprint(&self) -> String {
+        let shape = serde_json::json!({
+            "application": self.application,
+            "product": self.product,
+            "replicas": self.replicas(),
+            "parameters": self.parameters.clone().unwrap_or_default(),
+            "resources": self.resources.clone().unwrap_or_default(),
+            "timeAllocation": self.time_allocation,
+        });
+        // serde_json maps are ordered (BTreeMap), so equal shapes serialise equally.
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(shape.to_string().as_bytes()))
+    }
+}
+
+/// Parameters a VM application accepts.
+pub const PARAM_SSH_KEYS: &str = "sshPublicKeys";
+pub const PARAM_USER_DATA: &str = "userData";
+pub const PARAM_DISK_SIZE: &str = "diskSize";
+
+const MAX_NAME_LEN: usize = 200;
+const MAX_DISK_GIB: u64 = 16 * 1024;
+
+/// The typed inputs to start a validated job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LaunchPlan {
+    pub image: ImageEntry,
+    pub product: ProductConfig,
+    pub replicas: u32,
+    pub disk_gib: u64,
+    pub ssh_keys: Vec<String>,
+    pub user_data: Option<Map<String, Value>>,
+    pub time_allocation_ms: Option<i64>,
+}
+
+/// Why a specification is refused; the message is shown to the user as `why`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    #[error("unknown product {id:?} in category {category:?} of provider {provider:?}")]
+    UnknownProduct { id: String, category: String, provider: String },
+    #[error("unknown application {name:?} version {version:?}")]
+    UnknownApplication { name: String, version: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn invalid<T>(why: impl Into<String>) -> Result<T, SpecError> {
+    Err(SpecError::Invalid(why.into()))
+}
+
+/// Checks `spec` against this host's products, images and rules.
+pub fn validate(spec: &JobSpec, config: &Config, catalog: &Catalog) -> Result<LaunchPlan, SpecError> {
+    let product = spec
+        .product
+        .provider
+        .eq(&config.provider_id)
+        .then(|| config.product(&spec.product.id, &spec.product.category))
+        .flatten()
+        .ok_or_else(|| SpecError::UnknownProduct {
+            id: spec.product.id.clone(),
+            category: spec.product.category.clone(),
+            provider: spec.product.provider.clone(),
+        })?;
+    let image = catalog.find(&spec.application.name, &spec.application.version).ok_or_else(|| {
+        SpecError::UnknownApplication {
+            name: spec.application.name.clone(),
+            version: spec.application.version.clone(),
+        }
+    })?;
+    if let Some(name) = &spec.name {
+        if name.chars().count() > MAX_NAME_LEN || name.chars().any(char::is_control) {
+            return invalid(format!(
+                "name must be at most {MAX_NAME_LEN} characters without control characters"
+            ));
+        }
+    }
+    let replicas = spec.replicas();
+    if replicas == 0 || replicas > config.max_replicas {
+        return invalid(format!("replicas must be between 1 and {}", config.max_replicas));
+    }
+    if let Some(resources) = &spec.resources {
+        if let Some(kind) = resources.iter().map(value_type).next() {
+            return invalid(format!("resources of type {kind:?} are not supported by this provider"));
+        }
+    }
+    if spec.opened_file.is_some() {
+        return invalid("openedFile is not supported for virtual machines");
+    }
+    if spec.restart_on_exit == Some(true) {
+        return invalid("restartOnExit is not supported for virtual machines yet");
+    }
+    let time_allocation_ms = spec.time_allocation.map(SimpleDuration::as_millis);
+    if time_allocation_ms == Some(0) {
+        return invalid("timeAllocation must be longer than zero");
+    }
+    let params = spec.parameters.clone().unwrap_or_default();
+    let mut plan = LaunchPlan {
+        image: image.clone(),
+        product: product.clone(),
+        replicas,
+        disk_gib: u64::from(product.disk_gib),
+        ssh_keys: Vec::new(),
+        user_data: None,
+        time_allocation_ms,
+    };
+    for (name, value) in &params {
+        match name.as_str() {
+            PARAM_SSH_KEYS => {
+                plan.ssh_keys = text_param(name, value)?
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+                cloud_init::validate_ssh_keys(&plan.ssh_keys)
+                    .map_err(|e| SpecError::Invalid(format!("parameter {name}: {e}")))?;
+            }
+            PARAM_USER_DATA => {
+                let text = text_param(name, value)?;
+                plan.user_data = Some(
+                    cloud_init::parse_user_cloud_config(text)
+                        .map_err(|e| SpecError::Invalid(format!("parameter {name}: {e}")))?,
+                );
+            }
+            PARAM_DISK_SIZE => {
+                let gib = integer_param(name, value)?;
+                if gib < image.min_disk_gib || gib > MAX_DISK_GIB {
+                    return invalid(format!(
+                        "parameter {name} must be between {} and {MAX_DISK_GIB} GiB",
+                        image.min_disk_gib
+                    ));
+                }
+                plan.disk_gib = gib;
+            }
+            other => {
+                return invalid(format!(
+                    "unknown parameter {other:?}; virtual machines accept {PARAM_SSH_KEYS}, \
+                     {PARAM_USER_DATA} and {PARAM_DISK_SIZE}"
+                ))
+            }
+        }
+    }
+    if plan.disk_gib < image.min_disk_gib {
+        return invalid(format!(
+            "product {} has a {} GiB disk but {} {} needs at least {} GiB",
+            product.name, plan.disk_gib, image.name, image.version, image.min_disk_gib
+        ));
+    }
+    Ok(plan)
+}
+
+fn value_type(value: &Value) -> String {
+    value.get("type").and_then(Value::as_str).unwrap_or("<missing type>").to_owned()
+}
+
+fn text_param<'a>(name: &str, value: &'a Value) -> Result<&'a str, SpecError> {
+    match (value_type(value).as_str(), value.get("value")) {
+        ("text" | "textarea", Some(Value::String(s))) => Ok(s),
+        _ => invalid(format!(
+            "parameter {name} must be {{\"type\": \"text\", \"value\": <string>}}"
+        )),
+    }
+}
+
+fn integer_param(name: &str, value: &Value) -> Result<u64, SpecError> {
+    match (value_type(value).as_str(), value.get("value").and_then(Value::as_u64)) {
+        ("integer", Some(n)) => Ok(n),
+        _ => invalid(format!(
+            "parameter {name} must be {{\"type\": \"integer\", \"value\": <non-negative number>}}"
+        )),
+    }
+}
+
+/// The guest hostname: the job name made DNS-safe, or `job-<id>`; ranks get a suffix.
+pub fn hostname(job_id: &str, name: Option<&str>, rank: u32, replicas: u32) -> String {
+    let mut base: String = name
+        .unwrap_or_default()
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    base = base.split('-').filter(|s| !s.is_empty()).collect::<Vec<_>>().join("-");
+    base.truncate(50);
+    let base = base.trim_end_matches('-');
+    let base = if base.is_empty() || base.starts_with(|c: char| c.is_ascii_digit()) {
+        format!("job-{job_id}")
+    } else {
+        base.to_owned()
+    };
+    if replicas > 1 {
+        format!("{base}-{rank}")
+    } else {
+        base
+    }
+}
+
+#[cfg(test)]
+#[path = "spec_tests.rs"]
+mod tests;

@@ -1,0 +1,119 @@
+//! Wiring: builds every component from the config, reconciles, and serves the API.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use crate::api::{self, AppState};
+use crate::backend::{fake::FakeBackend, libvirt::LibvirtBackend, Accel, VmBackend};
+use crate::config::{BackendKind, Config, UserConfig};
+use crate::images::{Catalog, ImageCache};
+use crate::jobs::{JobManager, JobManagerDeps, VmNaming};
+use crate::store::Store;
+
+/// A vmhost ready to serve: its router and the manager behind it.
+pub struct Daemon {
+    pub state: AppState,
+    pub router: axum::Router,
+}
+
+/// Builds the daemon from `config` and reconciles the store with the hypervisor.
+pub async fn build(config: Config) -> anyhow::Result<Daemon> {
+    let backend: Arc<dyn VmBackend> = match config.backend {
+        BackendKind::Libvirt => Arc::new(
+            LibvirtBackend::connect(&config.libvirt_uri)
+                .await
+                .with_context(|| format!("connecting to libvirt at {}", config.libvirt_uri))?,
+        ),
+        BackendKind::Fake => Arc::new(FakeBackend::default()),
+    };
+    let accel = match config.backend {
+        BackendKind::Libvirt => crate::accel::resolve(config.accel).await.context("choosing the accelerator")?,
+        BackendKind::Fake => Accel::Tcg,
+    };
+    build_with(config, backend, accel).await
+}
+
+/// [`build`] with a given hypervisor; tests pass a [`FakeBackend`] they keep a handle to.
+pub async fn build_with(mut config: Config, backend: Arc<dyn VmBackend>, accel: Accel) -> anyhow::Result<Daemon> {
+    create_dir_traversable(&config.data_dir)?;
+    create_dir_traversable(&config.vm_dir())?;
+    let store = Store::open(&config.store_path()).context("opening the store")?;
+    let agent_id = store.agent_id().await?;
+    tracing::info!(?accel, backend = ?config.backend, %agent_id, "hypervisor ready");
+    let catalog = Catalog::load(config.catalog.as_deref()).context("loading the image catalog")?;
+    let templates = crate::cloud_init::load_templates(config.cloud_init_dir.as_deref())
+        .context("loading cloud-init templates")?;
+    if config.users.is_empty() {
+        config.users.push(default_user(&config.data_dir)?);
+    }
+    let naming = VmNaming { prefix: config.domain_prefix.clone(), vm_dir: config.vm_dir(), agent_id };
+    let images = ImageCache::new(config.image_dir.clone(), config.image_cache_dir());
+    let users = config.users.clone();
+    let manager = JobManager::new(JobManagerDeps {
+        config: Arc::new(config),
+        store,
+        backend,
+        catalog: Arc::new(catalog),
+        images,
+        templates,
+        accel,
+        naming,
+    });
+    manager.spawn_event_router();
+    manager.reconcile().await.context("reconciling with the hypervisor")?;
+    let state = AppState::new(manager, &users);
+    let router = api::router(state.clone());
+    Ok(Daemon { state, router })
+}
+
+/// Runs until SIGINT/SIGTERM. VMs keep running when vmhost exits.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let listen = config.listen;
+    let daemon = build(config).await?;
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+    tracing::info!(%listen, "vmhost is serving");
+    axum::serve(listener, daemon.router).with_graceful_shutdown(shutdown_signal()).await?;
+    tracing::info!("vmhost stopped; virtual machines keep running");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler only fails without a signal driver");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// QEMU runs as its own user and must reach the disks below these directories.
+fn create_dir_traversable(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+        .with_context(|| format!("setting permissions of {}", dir.display()))?;
+    Ok(())
+}
+
+/// Without configured users, one user `user` gets a random token kept in the data directory.
+fn default_user(data_dir: &Path) -> anyhow::Result<UserConfig> {
+    let path = data_dir.join("user-token");
+    let token = match std::fs::read_to_string(&path) {
+        Ok(token) => token.trim().to_owned(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            use rand::Rng;
+            let bytes: [u8; 24] = rand::thread_rng().gen();
+            let token = hex::encode(bytes);
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, &token).with_context(|| format!("writing {}", tmp.display()))?;
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+            std::fs::rename(&tmp, &path)?;
+            token
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    tracing::info!(token_file = %path.display(), "no [[users]] configured: user \"user\" authenticates with the token in this file");
+    Ok(UserConfig { name: "user".to_owned(), token })
+}

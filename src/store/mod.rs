@@ -1,0 +1,142 @@
+//! The durable store: jobs, their update history, and the host resources each job owns.
+//!
+//! Embedded SQLite in WAL mode with `synchronous=FULL`: every state change is one
+//! transaction, so a `kill -9` at any point leaves either the old or the new state. The
+//! `job_vms` rows are written *before* a domain, overlay or seed is created (a ghost record, as
+//! KubeVirt does), so startup reconciliation always knows what may exist on the host.
+//!
+//! One connection behind a mutex; callers use the async methods, which run the SQL on the
+//! blocking pool. Schema versions live in [`schema`].
+
+mod queries;
+mod schema;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rusqlite::Connection;
+
+pub use queries::{JobQuery, NewJob, VmRecord};
+
+use crate::jobs::{JobRecord, JobUpdate};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the store at {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        err: rusqlite::Error,
+    },
+    #[error("the store schema version {found} is newer than this vmhost understands ({known})")]
+    TooNew { found: i64, known: i64 },
+    #[error("store query failed")]
+    Sql(#[from] rusqlite::Error),
+    #[error("stored job {id} is corrupt: {why}")]
+    Corrupt { id: String, why: String },
+    #[error("store worker failed")]
+    Worker(#[from] tokio::task::JoinError),
+}
+
+/// Cheap-to-clone handle to the SQLite store.
+#[derive(Clone, Debug)]
+pub struct Store {
+    /// Held only for the duration of one statement batch; never across an `.await`.
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let open_err = |err| StoreError::Open { path: path.to_owned(), err };
+        let mut conn = Connection::open(path).map_err(open_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(open_err)?;
+        conn.pragma_update(None, "synchronous", "FULL").map_err(open_err)?;
+        conn.pragma_update(None, "foreign_keys", "ON").map_err(open_err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(open_err)?;
+        schema::migrate(&mut conn)?;
+        Ok(Store { conn: Arc::new(Mutex::new(conn)) })
+    }
+
+    /// Runs `f` with the connection on the blocking pool.
+    async fn with<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<R, StoreError> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            // A poisoned lock means a panic mid-statement; SQLite rolled the transaction back,
+            // so the connection itself is still consistent.
+            let mut guard = conn.lock().unwrap_or_else(|poison| poison.into_inner());
+            f(&mut guard)
+        })
+        .await?
+    }
+
+    /// The identity stamped into every domain this vmhost creates; made once per store.
+    pub async fn agent_id(&self) -> Result<String, StoreError> {
+        self.with(queries::agent_id).await
+    }
+
+    /// Inserts jobs with their first update in one transaction; returns their ids in order.
+    pub async fn insert_jobs(&self, jobs: Vec<NewJob>) -> Result<Vec<String>, StoreError> {
+        self.with(move |c| queries::insert_jobs(c, &jobs)).await
+    }
+
+    pub async fn job(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
+        let id = id.to_owned();
+        self.with(move |c| queries::job(c, &id)).await
+    }
+
+    /// One page of jobs matching `query`, newest first.
+    pub async fn jobs(&self, query: JobQuery) -> Result<Vec<JobRecord>, StoreError> {
+        self.with(move |c| queries::jobs(c, &query)).await
+    }
+
+    /// Ids of every job that is not final.
+    pub async fn active_job_ids(&self) -> Result<Vec<String>, StoreError> {
+        self.with(queries::active_job_ids).await
+    }
+
+    /// Appends an update (and applies its state, `started_at` when it enters RUNNING).
+    pub async fn append_update(&self, id: &str, update: JobUpdate) -> Result<(), StoreError> {
+        let id = id.to_owned();
+        self.with(move |c| queries::append_update(c, &id, &update)).await
+    }
+
+    /// Records that a terminate was requested, so a restart finishes it.
+    pub async fn set_terminate_requested(&self, id: &str) -> Result<(), StoreError> {
+        let id = id.to_owned();
+        self.with(move |c| queries::set_terminate_requested(c, &id)).await
+    }
+
+    /// Adds to a job's time allocation and, once it has one, its deadline.
+    pub async fn extend_allocation(&self, id: &str, add_ms: i64) -> Result<(), StoreError> {
+        let id = id.to_owned();
+        self.with(move |c| queries::extend_allocation(c, &id, add_ms)).await
+    }
+
+    pub async fn set_expires_at(&self, id: &str, at: i64) -> Result<(), StoreError> {
+        let id = id.to_owned();
+        self.with(move |c| queries::set_expires_at(c, &id, at)).await
+    }
+
+    pub async fn put_vm(&self, vm: VmRecord) -> Result<(), StoreError> {
+        self.with(move |c| queries::put_vm(c, &vm)).await
+    }
+
+    pub async fn vms(&self, job_id: &str) -> Result<Vec<VmRecord>, StoreError> {
+        let id = job_id.to_owned();
+        self.with(move |c| queries::vms(c, &id)).await
+    }
+
+    pub async fn delete_vm(&self, domain: &str) -> Result<(), StoreError> {
+        let domain = domain.to_owned();
+        self.with(move |c| queries::delete_vm(c, &domain)).await
+    }
+
+    /// Every VM record of every job (for reconciliation).
+    pub async fn all_vms(&self) -> Result<Vec<VmRecord>, StoreError> {
+        self.with(queries::all_vms).await
+    }
+}
