@@ -46,14 +46,22 @@ pub struct ExtendItem {
 pub struct JobIncludeFlags {
     pub filter_application: Option<String>,
     pub filter_state: Option<JobState>,
+    #[serde(default, deserialize_with = "lenient::opt_bool")]
     pub include_parameters: Option<bool>,
+    #[serde(default, deserialize_with = "lenient::opt_bool")]
     pub include_application: Option<bool>,
+    #[serde(default, deserialize_with = "lenient::opt_bool")]
     pub include_product: Option<bool>,
+    #[serde(default, deserialize_with = "lenient::opt_bool")]
     pub include_others: Option<bool>,
+    #[serde(default, deserialize_with = "lenient::opt_bool")]
     pub include_updates: Option<bool>,
+    #[serde(default, deserialize_with = "lenient::opt_bool")]
     pub include_support: Option<bool>,
     pub filter_created_by: Option<String>,
+    #[serde(default, deserialize_with = "lenient::opt_i64")]
     pub filter_created_after: Option<i64>,
+    #[serde(default, deserialize_with = "lenient::opt_i64")]
     pub filter_created_before: Option<i64>,
     pub filter_provider: Option<String>,
     pub filter_product_id: Option<String>,
@@ -77,6 +85,7 @@ pub struct RetrieveQuery {
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct BrowseQuery {
+    #[serde(default, deserialize_with = "lenient::opt_u32")]
     pub items_per_page: Option<u32>,
     pub next: Option<String>,
     #[serde(flatten)]
@@ -336,4 +345,44 @@ pub struct JobsLog {
     pub rank: u32,
     pub stdout: Option<String>,
     pub stderr: Option<String>,
+}
+
+/// Query strings carry every value as text, and `#[serde(flatten)]` hides the target type from
+/// the query deserializer; these accept both the native JSON value and its text form.
+mod lenient {
+    use serde::{Deserialize, Deserializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OrText<T> {
+        Native(T),
+        Text(String),
+    }
+
+    fn parse<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: Deserialize<'de> + std::str::FromStr,
+    {
+        match Option::<OrText<T>>::deserialize(d)? {
+            None => Ok(None),
+            Some(OrText::Native(v)) => Ok(Some(v)),
+            Some(OrText::Text(t)) => t
+                .parse()
+                .map(Some)
+                .map_err(|_| serde::de::Error::custom(format!("invalid value {t:?}"))),
+        }
+    }
+
+    pub(super) fn opt_bool<'de, D: Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
+        parse(d)
+    }
+
+    pub(super) fn opt_i64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+        parse(d)
+    }
+
+    pub(super) fn opt_u32<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+        parse(d)
+    }
 }
