@@ -259,7 +259,7 @@ pub fn hostname(job_id: &str, name: Option<&str>, rank: u32, replicas: u32) -> S
     base = base.split('-').filter(|s| !s.is_empty()).collect::<Vec<_>>().join("-");
     base.truncate(50);
     let base = base.trim_end_matches('-');
-    let base = if base.is_empty() || base.starts_with(|c: char| c.is_ascii_digit()) {
+    let base = if base.is_empty() {
         format!("job-{job_id}")
     } else {
         base.to_owned()

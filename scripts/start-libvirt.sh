@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Starts virtlogd and libvirtd unless they already run (there is no systemd as PID 1 here),
+# then waits until qemu:///system answers.
+set -euo pipefail
+pgrep -x virtlogd >/dev/null || virtlogd -d
+pgrep -x libvirtd >/dev/null || libvirtd -d
+for _ in $(seq 1 50); do
+  if virsh -c qemu:///system version >/dev/null 2>&1; then
+    exit 0
+  fi
+  sleep 0.2
+done
+echo "libvirtd did not come up" >&2
+exit 1
