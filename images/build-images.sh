@@ -28,6 +28,7 @@ PACKAGES=(
   linux-image-cloud-amd64 systemd-sysv udev dbus
   cloud-init openssh-server openssh-sftp-server sudo qemu-guest-agent
   ifupdown isc-dhcp-client resolvconf netbase iproute2 e2fsprogs
+  net-tools # cloud-init 22.4's ifupdown renderer writes v2 `routes:` as `post-up route add ...`
 )
 # Kernel modules the busybox image loads at boot (with their dependencies): power button and
 # evdev for acpid, virtio so disks, NICs and consoles show up.
@@ -205,6 +206,8 @@ build_debian() {
 datasource_list: [ NoCloud, None ]
 manage_etc_hosts: true
 locale: C.UTF-8
+# No DSA (sshd 9.2 ignores it); RSA-3072 generation is already ~12 s under TCG.
+ssh_genkeytypes: [ rsa, ecdsa, ed25519 ]
 system_info:
   default_user:
     name: debian

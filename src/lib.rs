@@ -1,5 +1,6 @@
 //! vmhost: a host agent that turns UCloud compute Jobs into libvirt/QEMU virtual machines.
 pub mod backend;
+pub mod client;
 pub mod cloud_init;
 pub mod images;
 pub mod accel;

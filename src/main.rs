@@ -19,6 +19,17 @@ enum Command {
         #[arg(long, env = "VMHOST_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Print a job's serial console and updates as they happen.
+    Console {
+        /// The job id.
+        job: String,
+        /// vmhost's URL.
+        #[arg(long, env = "VMHOST_URL", default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// Bearer token; defaults to the one vmhost generated in its data directory.
+        #[arg(long, env = "VMHOST_TOKEN")]
+        token: Option<String>,
+    },
 }
 
 #[tokio::main]
@@ -31,6 +42,13 @@ async fn main() -> anyhow::Result<()> {
                 None => vmhost::config::Config::default(),
             };
             vmhost::server::run(config).await
+        }
+        Command::Console { job, url, token } => {
+            let token = match token {
+                Some(token) => token,
+                None => std::fs::read_to_string("/var/lib/vmhost/user-token")?.trim().to_owned(),
+            };
+            vmhost::client::follow_console(&url, &token, &job).await
         }
     }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use vmhost::backend::fake::FakeBackend;
-use vmhost::backend::Accel;
+use vmhost::backend::{Accel, VmBackend};
 use vmhost::config::{BackendKind, Config, UserConfig};
 
 pub const TOKEN: &str = "token-of-alice";
@@ -44,7 +44,15 @@ pub fn config(dir: &std::path::Path) -> Config {
 
 impl TestDaemon {
     pub async fn start(config: Config, fake: Arc<FakeBackend>) -> TestDaemon {
-        let daemon = vmhost::server::build_with(config.clone(), fake.clone(), Accel::Tcg).await.unwrap();
+        let mut d = Self::start_with(config, fake.clone(), Accel::Tcg).await;
+        d.fake = fake;
+        d
+    }
+
+    /// A daemon over any hypervisor (`fake` is then a fresh, unused fake).
+    pub async fn start_with(config: Config, backend: Arc<dyn VmBackend>, accel: Accel) -> TestDaemon {
+        let fake = Arc::new(FakeBackend::default());
+        let daemon = vmhost::server::build_with(config.clone(), backend, accel).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let server = tokio::spawn(async move {

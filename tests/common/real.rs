@@ -1,0 +1,90 @@
+//! Helpers for tests against the real libvirt daemon (`qemu:///system`, TCG).
+#![allow(dead_code)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+pub const IMAGE_DIR: &str = "/var/lib/vmhost/images";
+
+/// Whether real-VM tests can run here. They are skipped (with a note) only on a developer
+/// machine that lacks libvirt or the built images; with `VMHOST_REQUIRE_REAL_VM` set (CI does)
+/// a missing prerequisite fails the test instead.
+pub fn available(test: &str, images: &[&str]) -> bool {
+    let mut missing = Vec::new();
+    if !Path::new("/var/run/libvirt/libvirt-sock").exists() {
+        missing.push("libvirtd (run scripts/start-libvirt.sh)".to_owned());
+    }
+    for image in images {
+        if !Path::new(IMAGE_DIR).join(image).exists() {
+            missing.push(format!("{IMAGE_DIR}/{image} (run images/build-images.sh)"));
+        }
+    }
+    if std::env::var_os("VMHOST_SKIP_REAL_VM").is_some() && std::env::var_os("VMHOST_REQUIRE_REAL_VM").is_none() {
+        missing.push("VMHOST_SKIP_REAL_VM is set".to_owned());
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("VMHOST_REQUIRE_REAL_VM").is_none(),
+        "{test} needs: {}",
+        missing.join(", ")
+    );
+    eprintln!("SKIPPING {test}: missing {}", missing.join(", "));
+    false
+}
+
+/// A data directory QEMU (running as its own user) can traverse.
+pub fn data_dir() -> tempfile::TempDir {
+    let dir = tempfile::Builder::new().prefix("vmhost-e2e-").tempdir_in("/var/tmp").unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+/// Names of libvirt domains starting with `prefix`, via virsh (independent of vmhost).
+pub fn domains_with_prefix(prefix: &str) -> Vec<String> {
+    let out = std::process::Command::new("virsh")
+        .args(["-c", "qemu:///system", "list", "--all", "--name"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with(prefix))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Removes domains a previous, interrupted run of the same test left behind.
+pub fn remove_leftovers(prefix: &str) {
+    for name in domains_with_prefix(prefix) {
+        let virsh = |args: &[&str]| {
+            let _ = std::process::Command::new("virsh").args(["-c", "qemu:///system"]).args(args).output();
+        };
+        virsh(&["destroy", &name]);
+        virsh(&["undefine", &name]);
+    }
+}
+
+/// Every file under `dir`, for "nothing left behind" checks.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p.clone());
+            }
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// A stable, recognisable prefix for one test's domains, so a rerun can clean up after an
+/// interrupted one without touching anything else.
+pub fn prefix(test: &str) -> String {
+    format!("vmhost-e2e-{test}")
+}
