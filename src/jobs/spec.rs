@@ -190,13 +190,13 @@ pub fn validate(spec: &JobSpec, config: &Config, catalog: &Catalog) -> Result<La
                     .map(str::to_owned)
                     .collect();
                 cloud_init::validate_ssh_keys(&plan.ssh_keys)
-                    .map_err(|e| SpecError::Invalid(format!("parameter {name}: {e}")))?;
+                    .map_err(|e| SpecError::Invalid(format!("parameter {name}: {}", crate::telemetry::error_chain(&e))))?;
             }
             PARAM_USER_DATA => {
                 let text = text_param(name, value)?;
                 plan.user_data = Some(
                     cloud_init::parse_user_cloud_config(text)
-                        .map_err(|e| SpecError::Invalid(format!("parameter {name}: {e}")))?,
+                        .map_err(|e| SpecError::Invalid(format!("parameter {name}: {}", crate::telemetry::error_chain(&e))))?,
                 );
             }
             PARAM_DISK_SIZE => {
