@@ -1,22 +1,96 @@
-//! TEMPORARY stand-in until the catalog lands.
-use std::path::{Path, PathBuf};
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BootKind { Disk, Kernel }
-#[derive(Debug, Clone, PartialEq)]
-pub struct ImageEntry { pub name: String, pub version: String, pub title: String, pub description: String, pub login_user: String, pub min_disk_gib: u64, pub format: String, pub boot: BootKind, pub cmdline: Option<String>, pub cloud_init: bool }
-#[derive(Debug, Clone, Default)]
-pub struct Catalog { pub images: Vec<ImageEntry> }
+//! Base images: which ones exist ([`catalog`]) and how they get onto this host ([`cache`]).
+//!
+//! A UCloud application (`name`, `version`) maps to one [`ImageEntry`] of the catalog. The entry
+//! names its base disk and, for direct kernel boot, a kernel and initrd. Each of these is a
+//! [`ImageSource`]: a file built locally by `images/build-images.sh`, a file downloaded once and
+//! pinned by its sha256, or a blank raw disk the cache makes itself.
+//!
+//! Invariants:
+//! - A catalog that parsed is valid: no duplicate `(name, version)`, kernel boot has a kernel
+//!   and an initrd, hashes are 64 hex digits, URLs are http(s), formats are ones `qemu-img`
+//!   and the domain XML support.
+//! - Base images are never written after they are in place. Every VM writes into its own qcow2
+//!   overlay; the files the cache creates are made read-only (0444) to keep it that way.
+//!
+//! The catalog is pure (string in, validated value out). The cache is the only part that touches
+//! the filesystem and the network.
+
+pub mod cache;
+pub mod catalog;
+
+use std::path::PathBuf;
+
+pub use cache::{ImageCache, LocalImage};
+pub use catalog::{BootKind, Catalog, ImageEntry, ImageSource};
+
+/// Errors of the image catalog and the image cache.
 #[derive(Debug, thiserror::Error)]
-pub enum ImageError { #[error("x")] X }
-impl Catalog {
-    pub fn load(_p: Option<&Path>) -> Result<Catalog, ImageError> { Ok(Catalog { images: vec![ImageEntry { name: "debian-cloud".into(), version: "12".into(), title: "t".into(), description: "d".into(), login_user: "debian".into(), min_disk_gib: 3, format: "qcow2".into(), boot: BootKind::Kernel, cmdline: Some("console=ttyS0".into()), cloud_init: true }] }) }
-    pub fn find(&self, name: &str, version: &str) -> Option<&ImageEntry> { self.images.iter().find(|i| i.name == name && i.version == version) }
-}
-#[derive(Debug, Clone)]
-pub struct LocalImage { pub disk: PathBuf, pub format: String, pub kernel: Option<PathBuf>, pub initrd: Option<PathBuf> }
-#[derive(Debug, Clone)]
-pub struct ImageCache { dir: PathBuf }
-impl ImageCache {
-    pub fn new(dir: PathBuf, _c: PathBuf) -> Self { ImageCache { dir } }
-    pub async fn ensure_local(&self, e: &ImageEntry) -> Result<LocalImage, ImageError> { Ok(LocalImage { disk: self.dir.join(&e.name), format: e.format.clone(), kernel: None, initrd: None }) }
+pub enum ImageError {
+    #[error("failed to read image catalog {path}")]
+    ReadCatalog {
+        path: PathBuf,
+        #[source]
+        err: std::io::Error,
+    },
+    /// TOML syntax, an unknown or missing field, or a malformed source table. The source carries
+    /// the line and column.
+    #[error("invalid image catalog")]
+    ParseCatalog {
+        #[source]
+        err: toml::de::Error,
+    },
+    #[error("image {name}:{version} is listed more than once")]
+    Duplicate { name: String, version: String },
+    #[error("image {image}: `{field}` {problem}")]
+    InvalidField {
+        image: String,
+        field: &'static str,
+        problem: &'static str,
+    },
+    #[error("image {image}: boot = \"kernel\" needs `{field}`")]
+    MissingBootFile { image: String, field: &'static str },
+    #[error("image {image}: `{field}` is only used with boot = \"kernel\"")]
+    UnusedBootField { image: String, field: &'static str },
+    #[error("image {image}: `{field}` has sha256 {value:?}, which is not 64 hex digits")]
+    InvalidSha256 {
+        image: String,
+        field: &'static str,
+        value: String,
+    },
+    #[error("image {image}: `{field}` has url {url:?}, which is not an http or https URL")]
+    InvalidUrl {
+        image: String,
+        field: &'static str,
+        url: String,
+    },
+    #[error("image {image}: format {format:?} is not supported (use \"qcow2\" or \"raw\")")]
+    UnsupportedFormat { image: String, format: String },
+
+    #[error(
+        "image file {path} does not exist; build the local images with images/build-images.sh"
+    )]
+    MissingFile { path: PathBuf },
+    #[error("image file {path} is not a regular file")]
+    NotAFile { path: PathBuf },
+    #[error("failed to {op} {path}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        err: std::io::Error,
+    },
+    #[error("failed to download {url}")]
+    Download {
+        url: String,
+        #[source]
+        err: reqwest::Error,
+    },
+    #[error("download of {url} failed with HTTP status {status}")]
+    HttpStatus { url: String, status: u16 },
+    #[error("checksum mismatch for {url}: expected sha256 {expected}, got {actual}")]
+    ChecksumMismatch {
+        url: String,
+        expected: String,
+        actual: String,
+    },
 }
