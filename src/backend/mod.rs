@@ -67,8 +67,9 @@ pub struct VmSpec {
     pub disk_gib: u64,
     /// The NoCloud seed image written by the backend from `seed_image`.
     pub seed_path: PathBuf,
-    /// Bytes of the seed image (a vfat filesystem labelled CIDATA).
-    pub seed_image: Vec<u8>,
+    /// Bytes of the seed image (a vfat filesystem labelled CIDATA); `None` for images without
+    /// cloud-init, which then get no seed disk at all.
+    pub seed_image: Option<Vec<u8>>,
     /// Serial console log file.
     pub console_log: PathBuf,
     pub nics: Vec<NicSpec>,

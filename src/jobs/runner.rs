@@ -151,8 +151,11 @@ fn vm_spec(
             .map(|nic| SeedNic { mac: nic.mac.clone(), addressing: NicAddressing::Dhcp })
             .collect(),
     };
-    let files = cloud_init::render(&seed, &deps.templates)?;
-    let seed_image = cloud_init::vfat_image(&files)?;
+    let seed_image = if plan.image.cloud_init {
+        Some(cloud_init::vfat_image(&cloud_init::render(&seed, &deps.templates)?)?)
+    } else {
+        None
+    };
     let boot = match plan.image.boot {
         BootKind::Disk => BootMode::Disk,
         BootKind::Kernel => BootMode::Kernel {

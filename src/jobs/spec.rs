@@ -181,6 +181,13 @@ pub fn validate(spec: &JobSpec, config: &Config, catalog: &Catalog) -> Result<La
         time_allocation_ms,
     };
     for (name, value) in &params {
+        let needs_cloud_init = name == PARAM_SSH_KEYS || name == PARAM_USER_DATA;
+        if needs_cloud_init && !image.cloud_init {
+            return invalid(format!(
+                "parameter {name} needs cloud-init, which {} {} does not have",
+                image.name, image.version
+            ));
+        }
         match name.as_str() {
             PARAM_SSH_KEYS => {
                 plan.ssh_keys = text_param(name, value)?

@@ -76,7 +76,7 @@ pub fn spec(dir: &Path, name: &str, base: &Path, accel: Accel, boot: BootMode) -
         overlay: job_dir.join("disk.qcow2"),
         disk_gib: 1,
         seed_path: job_dir.join("seed.img"),
-        seed_image: vec![0x5a; 64 * 1024],
+        seed_image: Some(vec![0x5a; 64 * 1024]),
         console_log: job_dir.join("console.log"),
         nics: Vec::new(),
     }

@@ -93,12 +93,14 @@ fn render_devices(w: &mut String, spec: &VmSpec) {
     let _ = writeln!(w, "      <source file='{}'/>", path(&spec.overlay));
     let _ = writeln!(w, "      <target dev='vda' bus='virtio'/>");
     let _ = writeln!(w, "    </disk>");
-    let _ = writeln!(w, "    <disk type='file' device='disk'>");
-    let _ = writeln!(w, "      <driver name='qemu' type='raw'/>");
-    let _ = writeln!(w, "      <source file='{}'/>", path(&spec.seed_path));
-    let _ = writeln!(w, "      <target dev='vdb' bus='virtio'/>");
-    let _ = writeln!(w, "      <readonly/>");
-    let _ = writeln!(w, "    </disk>");
+    if spec.seed_image.is_some() {
+        let _ = writeln!(w, "    <disk type='file' device='disk'>");
+        let _ = writeln!(w, "      <driver name='qemu' type='raw'/>");
+        let _ = writeln!(w, "      <source file='{}'/>", path(&spec.seed_path));
+        let _ = writeln!(w, "      <target dev='vdb' bus='virtio'/>");
+        let _ = writeln!(w, "      <readonly/>");
+        let _ = writeln!(w, "    </disk>");
+    }
     for nic in &spec.nics {
         let _ = writeln!(w, "    <interface type='network'>");
         let _ = writeln!(w, "      <source network='{}'/>", escape(&nic.network));
@@ -322,7 +324,7 @@ mod tests {
             overlay: dir.join("disk.qcow2"),
             disk_gib: 20,
             seed_path: dir.join("seed.img"),
-            seed_image: vec![0; 16],
+            seed_image: Some(vec![0; 16]),
             console_log: dir.join("console.log"),
             nics,
         }

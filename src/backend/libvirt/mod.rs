@@ -264,7 +264,8 @@ impl Inner {
             });
         }
         let files_present = tokio::fs::try_exists(&spec.overlay).await.unwrap_or(true)
-            && tokio::fs::try_exists(&spec.seed_path).await.unwrap_or(true);
+            && (spec.seed_image.is_none()
+                || tokio::fs::try_exists(&spec.seed_path).await.unwrap_or(true));
         if files_present || active {
             return Ok(true);
         }
@@ -311,10 +312,12 @@ impl Inner {
                 .await
                 .map_err(|e| disk_err(e.into()))?;
         }
-        created.seed = Some(spec.seed_path.clone());
-        disk::write_atomic(&spec.seed_path, &spec.seed_image)
-            .await
-            .map_err(|e| disk_err(e.into()))?;
+        if let Some(seed_image) = &spec.seed_image {
+            created.seed = Some(spec.seed_path.clone());
+            disk::write_atomic(&spec.seed_path, seed_image)
+                .await
+                .map_err(|e| disk_err(e.into()))?;
+        }
         let xml = domain_xml::render(spec);
         self.call("define", &spec.name, move |c| {
             c.define_domain_xml(&xml).map(drop)

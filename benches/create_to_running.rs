@@ -1,0 +1,148 @@
+//! Create request to RUNNING: vmhost beside `virsh create` of the same domain XML (the floor).
+//!
+//! Needs libvirtd and the busybox-tiny image (`images/build-images.sh`); prints figures and a
+//! ratio. Run: `cargo bench --bench create_to_running` (as root). `BENCH_RUNS` sets the count.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use vmhost::backend::libvirt::LibvirtBackend;
+use vmhost::backend::Accel;
+use vmhost::config::{BackendKind, Config, UserConfig};
+
+const TOKEN: &str = "bench-token-0123";
+const PREFIX: &str = "vmhost-bench";
+
+fn virsh(args: &[&str]) -> std::process::Output {
+    Command::new("virsh").args(["-c", "qemu:///system"]).args(args).output().expect("virsh runs")
+}
+
+fn stats(name: &str, samples: &mut [Duration]) -> f64 {
+    samples.sort();
+    let mean = samples.iter().sum::<Duration>().as_secs_f64() / samples.len() as f64;
+    let median = samples[samples.len() / 2].as_secs_f64();
+    println!(
+        "{name:<28} n={:<3} median {:>7.1} ms  mean {:>7.1} ms  min {:>7.1} ms  max {:>7.1} ms",
+        samples.len(),
+        median * 1e3,
+        mean * 1e3,
+        samples[0].as_secs_f64() * 1e3,
+        samples[samples.len() - 1].as_secs_f64() * 1e3
+    );
+    median
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let images = Path::new("/var/lib/vmhost/images/busybox-tiny/initrd.img");
+    if !Path::new("/var/run/libvirt/libvirt-sock").exists() || !images.exists() {
+        println!("create_to_running: needs libvirtd and the busybox-tiny image; skipped");
+        return;
+    }
+    let runs: usize = std::env::var("BENCH_RUNS").ok().and_then(|r| r.parse().ok()).unwrap_or(8);
+    for name in String::from_utf8_lossy(&virsh(&["list", "--all", "--name"]).stdout).lines() {
+        if name.starts_with(PREFIX) {
+            virsh(&["destroy", name]);
+            virsh(&["undefine", name]);
+        }
+    }
+    let dir = tempfile::Builder::new().prefix("vmhost-bench-").tempdir_in("/var/tmp").unwrap();
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let config = Config {
+        backend: BackendKind::Libvirt,
+        data_dir: dir.path().to_owned(),
+        domain_prefix: PREFIX.into(),
+        users: vec![UserConfig { name: "bench".into(), token: TOKEN.into() }],
+        ..Config::default()
+    };
+    let backend = Arc::new(LibvirtBackend::connect("qemu:///system").await.unwrap());
+    let daemon = vmhost::server::build_with(config, backend, Accel::Tcg).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, daemon.router).await.unwrap() });
+    let client = reqwest::Client::new();
+    let call = |method: &str, path: &str, body: Option<Value>| {
+        let mut req = client.request(method.parse().unwrap(), format!("{base}{path}")).bearer_auth(TOKEN);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        async move { req.send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    let spec = json!({
+        "application": { "name": "busybox-tiny", "version": "1" },
+        "product": { "id": "vm-small", "category": "vm", "provider": "vmhost" },
+        "allowDuplicateJob": true,
+    });
+    let mut vmhost_samples = Vec::new();
+    let mut floor_samples = Vec::new();
+    for i in 0..runs {
+        let t0 = Instant::now();
+        let created = call("POST", "/api/jobs", Some(json!({ "items": [spec] }))).await;
+        let id = created["responses"][0]["id"].as_str().unwrap().to_owned();
+        loop {
+            let job = call("GET", &format!("/api/jobs/retrieve?id={id}"), None).await;
+            match job["status"]["state"].as_str() {
+                Some("RUNNING") => break,
+                Some("FAILURE") => panic!("job failed: {job}"),
+                _ => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+        vmhost_samples.push(t0.elapsed());
+
+        // The floor: the very XML vmhost defined, on fresh copies of its files, via virsh.
+        let domain = format!("{PREFIX}-{id}-0");
+        let xml = String::from_utf8(virsh(&["dumpxml", &domain]).stdout).unwrap();
+        let vm_dir = dir.path().join("vms").join(&domain);
+        let floor_dir = dir.path().join(format!("floor-{i}"));
+        std::fs::create_dir_all(&floor_dir).unwrap();
+        std::fs::set_permissions(&floor_dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let info = Command::new("qemu-img")
+            .args(["info", "--output=json"])
+            .arg(vm_dir.join("disk.qcow2"))
+            .output()
+            .unwrap();
+        let info: Value = serde_json::from_slice(&info.stdout).unwrap();
+        let backing = info["full-backing-filename"].as_str().or(info["backing-filename"].as_str()).unwrap().to_owned();
+        let backing_fmt = info["backing-filename-format"].as_str().unwrap_or("raw").to_owned();
+        let size = info["virtual-size"].as_u64().unwrap().to_string();
+        let status = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", &backing_fmt, "-b", &backing])
+            .arg(floor_dir.join("disk.qcow2"))
+            .arg(&size)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        std::fs::copy(vm_dir.join("seed.img"), floor_dir.join("seed.img")).unwrap();
+        let floor_name = format!("{PREFIX}-floor-{i}");
+        let floor_xml: String = xml
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("<uuid>"))
+            .collect::<Vec<_>>()
+            .join("\n")
+            .replace(&format!("<name>{domain}</name>"), &format!("<name>{floor_name}</name>"))
+            .replace(vm_dir.to_str().unwrap(), floor_dir.to_str().unwrap());
+        let xml_path = floor_dir.join("domain.xml");
+        std::fs::write(&xml_path, floor_xml).unwrap();
+        call("POST", "/api/jobs/terminate", Some(json!({ "items": [{ "id": id }] }))).await;
+        let t0 = Instant::now();
+        let out = virsh(&["create", xml_path.to_str().unwrap()]);
+        floor_samples.push(t0.elapsed());
+        assert!(out.status.success(), "virsh create: {}", String::from_utf8_lossy(&out.stderr));
+        virsh(&["destroy", &floor_name]);
+        std::fs::remove_dir_all(&floor_dir).unwrap();
+        loop {
+            let job = call("GET", &format!("/api/jobs/retrieve?id={id}"), None).await;
+            if job["status"]["state"] == "SUCCESS" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    println!("create request to RUNNING, busybox-tiny under TCG, {runs} runs");
+    let ours = stats("vmhost POST -> RUNNING", &mut vmhost_samples);
+    let floor = stats("virsh create (floor)", &mut floor_samples);
+    println!("ratio vmhost / virsh create (medians): {:.2}", ours / floor);
+}
