@@ -100,7 +100,7 @@ async fn main() {
         std::fs::create_dir_all(&floor_dir).unwrap();
         std::fs::set_permissions(&floor_dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         let info = Command::new("qemu-img")
-            .args(["info", "--output=json"])
+            .args(["info", "-U", "--output=json"])
             .arg(vm_dir.join("disk.qcow2"))
             .output()
             .unwrap();
@@ -115,7 +115,9 @@ async fn main() {
             .status()
             .unwrap();
         assert!(status.success());
-        std::fs::copy(vm_dir.join("seed.img"), floor_dir.join("seed.img")).unwrap();
+        if vm_dir.join("seed.img").exists() {
+            std::fs::copy(vm_dir.join("seed.img"), floor_dir.join("seed.img")).unwrap();
+        }
         let floor_name = format!("{PREFIX}-floor-{i}");
         let floor_xml: String = xml
             .lines()

@@ -211,6 +211,8 @@ build_debian() {
   echo 'LANG=C.UTF-8' >"$ROOT/etc/default/locale"
   # A NIC that never comes up must not hold cloud-config/final (After=network-online.target) for 300 s.
   echo 'WAIT_ONLINE_TIMEOUT=60' >>"$ROOT/etc/default/networking"
+  # Job VMs are short-lived: no unattended apt traffic or CPU (apt-get still works on demand).
+  rm -f "$ROOT"/etc/systemd/system/timers.target.wants/apt-daily{,-upgrade}.timer
 
   cat >"$ROOT/etc/cloud/cloud.cfg.d/90_vmhost.cfg" <<'EOF'
 # vmhost: seeds come from a NoCloud disk (label cidata/CIDATA, vfat or iso9660).
