@@ -17,7 +17,11 @@ const TOKEN: &str = "bench-token-0123";
 const PREFIX: &str = "vmhost-bench";
 
 fn virsh(args: &[&str]) -> std::process::Output {
-    Command::new("virsh").args(["-c", "qemu:///system"]).args(args).output().expect("virsh runs")
+    Command::new("virsh")
+        .args(["-c", "qemu:///system"])
+        .args(args)
+        .output()
+        .expect("virsh runs")
 }
 
 fn stats(name: &str, samples: &mut [Duration]) -> f64 {
@@ -42,30 +46,47 @@ async fn main() {
         println!("create_to_running: needs libvirtd and the busybox-tiny image; skipped");
         return;
     }
-    let runs: usize = std::env::var("BENCH_RUNS").ok().and_then(|r| r.parse().ok()).unwrap_or(8);
+    let runs: usize = std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(8);
     for name in String::from_utf8_lossy(&virsh(&["list", "--all", "--name"]).stdout).lines() {
         if name.starts_with(PREFIX) {
             virsh(&["destroy", name]);
             virsh(&["undefine", name]);
         }
     }
-    let dir = tempfile::Builder::new().prefix("vmhost-bench-").tempdir_in("/var/tmp").unwrap();
-    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("vmhost-bench-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
     let config = Config {
         backend: BackendKind::Libvirt,
         data_dir: dir.path().to_owned(),
         domain_prefix: PREFIX.into(),
-        users: vec![UserConfig { name: "bench".into(), token: TOKEN.into() }],
+        users: vec![UserConfig {
+            name: "bench".into(),
+            token: TOKEN.into(),
+        }],
         ..Config::default()
     };
     let backend = Arc::new(LibvirtBackend::connect("qemu:///system").await.unwrap());
-    let daemon = vmhost::server::build_with(config, backend, Accel::Tcg).await.unwrap();
+    let daemon = vmhost::server::build_with(config, backend, Accel::Tcg)
+        .await
+        .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, daemon.router).await.unwrap() });
     let client = reqwest::Client::new();
     let call = |method: &str, path: &str, body: Option<Value>| {
-        let mut req = client.request(method.parse().unwrap(), format!("{base}{path}")).bearer_auth(TOKEN);
+        let mut req = client
+            .request(method.parse().unwrap(), format!("{base}{path}"))
+            .bearer_auth(TOKEN);
         if let Some(b) = body {
             req = req.json(&b);
         }
@@ -98,18 +119,38 @@ async fn main() {
         let vm_dir = dir.path().join("vms").join(&domain);
         let floor_dir = dir.path().join(format!("floor-{i}"));
         std::fs::create_dir_all(&floor_dir).unwrap();
-        std::fs::set_permissions(&floor_dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(
+            &floor_dir,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
         let info = Command::new("qemu-img")
             .args(["info", "-U", "--output=json"])
             .arg(vm_dir.join("disk.qcow2"))
             .output()
             .unwrap();
         let info: Value = serde_json::from_slice(&info.stdout).unwrap();
-        let backing = info["full-backing-filename"].as_str().or(info["backing-filename"].as_str()).unwrap().to_owned();
-        let backing_fmt = info["backing-filename-format"].as_str().unwrap_or("raw").to_owned();
+        let backing = info["full-backing-filename"]
+            .as_str()
+            .or(info["backing-filename"].as_str())
+            .unwrap()
+            .to_owned();
+        let backing_fmt = info["backing-filename-format"]
+            .as_str()
+            .unwrap_or("raw")
+            .to_owned();
         let size = info["virtual-size"].as_u64().unwrap().to_string();
         let status = Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-F", &backing_fmt, "-b", &backing])
+            .args([
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                &backing_fmt,
+                "-b",
+                &backing,
+            ])
             .arg(floor_dir.join("disk.qcow2"))
             .arg(&size)
             .status()
@@ -124,15 +165,27 @@ async fn main() {
             .filter(|l| !l.trim_start().starts_with("<uuid>"))
             .collect::<Vec<_>>()
             .join("\n")
-            .replace(&format!("<name>{domain}</name>"), &format!("<name>{floor_name}</name>"))
+            .replace(
+                &format!("<name>{domain}</name>"),
+                &format!("<name>{floor_name}</name>"),
+            )
             .replace(vm_dir.to_str().unwrap(), floor_dir.to_str().unwrap());
         let xml_path = floor_dir.join("domain.xml");
         std::fs::write(&xml_path, floor_xml).unwrap();
-        call("POST", "/api/jobs/terminate", Some(json!({ "items": [{ "id": id }] }))).await;
+        call(
+            "POST",
+            "/api/jobs/terminate",
+            Some(json!({ "items": [{ "id": id }] })),
+        )
+        .await;
         let t0 = Instant::now();
         let out = virsh(&["create", xml_path.to_str().unwrap()]);
         floor_samples.push(t0.elapsed());
-        assert!(out.status.success(), "virsh create: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "virsh create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         virsh(&["destroy", &floor_name]);
         std::fs::remove_dir_all(&floor_dir).unwrap();
         loop {

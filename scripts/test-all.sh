@@ -8,4 +8,6 @@ bash images/build-images.sh
 bash scripts/start-libvirt.sh
 # Real-VM tests refuse to skip silently when this is set.
 export VMHOST_REQUIRE_REAL_VM=1
+cargo fmt --check
+cargo clippy --all-targets --quiet -- -D warnings
 cargo nextest run --no-fail-fast --profile ci "$@"

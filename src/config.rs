@@ -123,7 +123,10 @@ fn default_products() -> Vec<ProductConfig> {
         price_per_unit,
         unit_of_price: default_unit_of_price(),
     };
-    vec![product("vm-small", 1, 1, 8, 1), product("vm-medium", 2, 2, 20, 2)]
+    vec![
+        product("vm-small", 1, 1, 8, 1),
+        product("vm-medium", 2, 2, 20, 2),
+    ]
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -146,18 +149,28 @@ pub enum ConfigError {
 
 impl Config {
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|err| ConfigError::Io { path: path.to_owned(), err })?;
+        let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Io {
+            path: path.to_owned(),
+            err,
+        })?;
         Self::parse(&text).map_err(|err| match err {
-            ConfigError::Io { err, .. } => ConfigError::Io { path: path.to_owned(), err },
-            ConfigError::Parse { err, .. } => ConfigError::Parse { path: path.to_owned(), err },
+            ConfigError::Io { err, .. } => ConfigError::Io {
+                path: path.to_owned(),
+                err,
+            },
+            ConfigError::Parse { err, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                err,
+            },
             other => other,
         })
     }
 
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text)
-            .map_err(|err| ConfigError::Parse { path: PathBuf::from("<inline>"), err })?;
+        let config: Config = toml::from_str(text).map_err(|err| ConfigError::Parse {
+            path: PathBuf::from("<inline>"),
+            err,
+        })?;
         config.validate()?;
         Ok(config)
     }
@@ -174,7 +187,10 @@ impl Config {
                 return invalid(format!("product {:?} is defined twice", p.name));
             }
             if p.cpu == 0 || p.memory_in_gigs == 0 || p.disk_gib == 0 {
-                return invalid(format!("product {:?} needs cpu, memory_in_gigs and disk_gib > 0", p.name));
+                return invalid(format!(
+                    "product {:?} needs cpu, memory_in_gigs and disk_gib > 0",
+                    p.name
+                ));
             }
             if p.name.is_empty() || p.category.is_empty() {
                 return invalid("products need a name and a category".into());
@@ -183,15 +199,24 @@ impl Config {
         let mut tokens = std::collections::HashSet::new();
         for u in &self.users {
             if u.name.is_empty() || u.token.len() < 8 {
-                return invalid(format!("user {:?} needs a name and a token of 8+ characters", u.name));
+                return invalid(format!(
+                    "user {:?} needs a name and a token of 8+ characters",
+                    u.name
+                ));
             }
             if !tokens.insert(&u.token) {
-                return invalid(format!("user {:?} shares a token with another user", u.name));
+                return invalid(format!(
+                    "user {:?} shares a token with another user",
+                    u.name
+                ));
             }
         }
         let prefix_ok = !self.domain_prefix.is_empty()
             && self.domain_prefix.len() <= 32
-            && self.domain_prefix.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+            && self
+                .domain_prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-');
         if !prefix_ok {
             return invalid("domain_prefix must be 1-32 characters of [A-Za-z0-9-]".into());
         }
@@ -208,7 +233,9 @@ impl Config {
     }
 
     pub fn product(&self, name: &str, category: &str) -> Option<&ProductConfig> {
-        self.products.iter().find(|p| p.name == name && p.category == category)
+        self.products
+            .iter()
+            .find(|p| p.name == name && p.category == category)
     }
 
     pub fn store_path(&self) -> PathBuf {
@@ -246,7 +273,11 @@ mod tests {
         .unwrap();
         assert_eq!(c.users[0].name, "user");
         assert_eq!(c.backend, BackendKind::Libvirt);
-        assert_eq!(c.products.len(), 2, "embedded products stay when none are given");
+        assert_eq!(
+            c.products.len(),
+            2,
+            "embedded products stay when none are given"
+        );
     }
 
     #[test]
@@ -259,8 +290,14 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_bad_values_are_refused() {
-        assert!(matches!(Config::parse("listn = \"x\""), Err(ConfigError::Parse { .. })));
-        assert!(matches!(Config::parse("backend = \"xen\""), Err(ConfigError::Parse { .. })));
+        assert!(matches!(
+            Config::parse("listn = \"x\""),
+            Err(ConfigError::Parse { .. })
+        ));
+        assert!(matches!(
+            Config::parse("backend = \"xen\""),
+            Err(ConfigError::Parse { .. })
+        ));
         let dup = r#"
             [[users]]
             name = "a"
@@ -270,7 +307,13 @@ mod tests {
             token = "same-token-1"
         "#;
         assert!(matches!(Config::parse(dup), Err(ConfigError::Invalid(_))));
-        assert!(matches!(Config::parse("domain_prefix = \"a b\""), Err(ConfigError::Invalid(_))));
-        assert!(matches!(Config::parse("max_replicas = 0"), Err(ConfigError::Invalid(_))));
+        assert!(matches!(
+            Config::parse("domain_prefix = \"a b\""),
+            Err(ConfigError::Invalid(_))
+        ));
+        assert!(matches!(
+            Config::parse("max_replicas = 0"),
+            Err(ConfigError::Invalid(_))
+        ));
     }
 }

@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "vmhost", version, about = "Turns UCloud Jobs into libvirt/QEMU virtual machines")]
+#[command(
+    name = "vmhost",
+    version,
+    about = "Turns UCloud Jobs into libvirt/QEMU virtual machines"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -46,7 +50,9 @@ async fn main() -> anyhow::Result<()> {
         Command::Console { job, url, token } => {
             let token = match token {
                 Some(token) => token,
-                None => std::fs::read_to_string("/var/lib/vmhost/user-token")?.trim().to_owned(),
+                None => std::fs::read_to_string("/var/lib/vmhost/user-token")?
+                    .trim()
+                    .to_owned(),
             };
             vmhost::client::follow_console(&url, &token, &job).await
         }

@@ -30,14 +30,20 @@ pub async fn build(config: Config) -> anyhow::Result<Daemon> {
         BackendKind::Fake => Arc::new(FakeBackend::default()),
     };
     let accel = match config.backend {
-        BackendKind::Libvirt => crate::accel::resolve(config.accel).await.context("choosing the accelerator")?,
+        BackendKind::Libvirt => crate::accel::resolve(config.accel)
+            .await
+            .context("choosing the accelerator")?,
         BackendKind::Fake => Accel::Tcg,
     };
     build_with(config, backend, accel).await
 }
 
 /// [`build`] with a given hypervisor; tests pass a [`FakeBackend`] they keep a handle to.
-pub async fn build_with(mut config: Config, backend: Arc<dyn VmBackend>, accel: Accel) -> anyhow::Result<Daemon> {
+pub async fn build_with(
+    mut config: Config,
+    backend: Arc<dyn VmBackend>,
+    accel: Accel,
+) -> anyhow::Result<Daemon> {
     create_dir_traversable(&config.data_dir)?;
     create_dir_traversable(&config.vm_dir())?;
     let store = Store::open(&config.store_path()).context("opening the store")?;
@@ -49,7 +55,11 @@ pub async fn build_with(mut config: Config, backend: Arc<dyn VmBackend>, accel: 
     if config.users.is_empty() {
         config.users.push(default_user(&config.data_dir)?);
     }
-    let naming = VmNaming { prefix: config.domain_prefix.clone(), vm_dir: config.vm_dir(), agent_id };
+    let naming = VmNaming {
+        prefix: config.domain_prefix.clone(),
+        vm_dir: config.vm_dir(),
+        agent_id,
+    };
     let images = ImageCache::new(config.image_dir.clone(), config.image_cache_dir());
     let users = config.users.clone();
     let manager = JobManager::new(JobManagerDeps {
@@ -63,7 +73,10 @@ pub async fn build_with(mut config: Config, backend: Arc<dyn VmBackend>, accel: 
         naming,
     });
     manager.spawn_event_router();
-    manager.reconcile().await.context("reconciling with the hypervisor")?;
+    manager
+        .reconcile()
+        .await
+        .context("reconciling with the hypervisor")?;
     let state = AppState::new(manager, &users);
     let router = api::router(state.clone());
     Ok(Daemon { state, router })
@@ -73,9 +86,13 @@ pub async fn build_with(mut config: Config, backend: Arc<dyn VmBackend>, accel: 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let listen = config.listen;
     let daemon = build(config).await?;
-    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
     tracing::info!(%listen, "vmhost is serving");
-    axum::serve(listener, daemon.router).with_graceful_shutdown(shutdown_signal()).await?;
+    axum::serve(listener, daemon.router)
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
     tracing::info!("vmhost stopped; virtual machines keep running");
     Ok(())
 }
@@ -115,5 +132,8 @@ fn default_user(data_dir: &Path) -> anyhow::Result<UserConfig> {
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
     tracing::info!(token_file = %path.display(), "no [[users]] configured: user \"user\" authenticates with the token in this file");
-    Ok(UserConfig { name: "user".to_owned(), token })
+    Ok(UserConfig {
+        name: "user".to_owned(),
+        token,
+    })
 }

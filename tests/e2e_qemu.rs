@@ -33,19 +33,32 @@ fn real_config(dir: &std::path::Path, prefix: &str) -> Config {
 /// cloud-init prints authorized keys as `ci-info: | <type> | <fingerprint> | ...`; accept the
 /// colon-separated hex and the OpenSSH base64 forms of the SHA-256 fingerprint.
 fn fingerprints(key: &str) -> [String; 2] {
-    let blob = base64::engine::general_purpose::STANDARD.decode(key.split(' ').nth(1).unwrap()).unwrap();
+    let blob = base64::engine::general_purpose::STANDARD
+        .decode(key.split(' ').nth(1).unwrap())
+        .unwrap();
     let digest = Sha256::digest(&blob);
-    let hex = digest.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+    let hex = digest
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
     let b64 = base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest);
     [hex, format!("SHA256:{b64}")]
 }
 
 /// Follows a job over the WebSocket until `done` says the console output so far is enough.
-async fn follow_console_until(d: &TestDaemon, id: &str, limit: Duration, done: impl Fn(&str) -> bool) -> String {
+async fn follow_console_until(
+    d: &TestDaemon,
+    id: &str,
+    limit: Duration,
+    done: impl Fn(&str) -> bool,
+) -> String {
     let url = format!("{}/api/jobs", d.base.replace("http://", "ws://"));
     let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
     let call = json!({ "call": "jobs.follow", "streamId": "s1", "payload": { "id": id }, "bearer": TOKEN });
-    ws.send(Message::Text(call.to_string().into())).await.unwrap();
+    ws.send(Message::Text(call.to_string().into()))
+        .await
+        .unwrap();
     let mut console = String::new();
     let deadline = Instant::now() + limit;
     while !done(&console) {
@@ -53,7 +66,9 @@ async fn follow_console_until(d: &TestDaemon, id: &str, limit: Duration, done: i
         let frame = match tokio::time::timeout(left, ws.next()).await {
             Ok(Some(Ok(Message::Text(t)))) => t,
             Ok(Some(Ok(_))) => continue,
-            other => panic!("follow ended before the console showed what was expected ({other:?}):\n{console}"),
+            other => panic!(
+                "follow ended before the console showed what was expected ({other:?}):\n{console}"
+            ),
         };
         let frame: Value = serde_json::from_str(&frame).unwrap();
         assert_eq!(frame["streamId"], "s1");
@@ -68,7 +83,10 @@ async fn follow_console_until(d: &TestDaemon, id: &str, limit: Duration, done: i
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn debian_vm_applies_cloud_init_and_terminate_leaves_nothing() {
-    if !real::available("debian_vm_applies_cloud_init", &["debian12-cloud/disk.qcow2"]) {
+    if !real::available(
+        "debian_vm_applies_cloud_init",
+        &["debian12-cloud/disk.qcow2"],
+    ) {
         return;
     }
     let prefix = real::prefix("debian");
@@ -90,16 +108,27 @@ async fn debian_vm_applies_cloud_init_and_terminate_leaves_nothing() {
         c.contains("e2e-cloud-vm login:") && (c.contains(&hex) || c.contains(&b64))
     })
     .await;
-    eprintln!("cloud-init applied hostname and key after {:?}", started.elapsed());
+    eprintln!(
+        "cloud-init applied hostname and key after {:?}",
+        started.elapsed()
+    );
     assert!(console.contains("Cloud-init"), "{console}");
 
     let domain = format!("{prefix}-{id}-0");
-    assert_eq!(real::domains_with_prefix(&prefix), [domain.clone()]);
-    let (status, _) = d.post("/api/jobs/terminate", json!({ "items": [{ "id": id }] })).await;
+    assert_eq!(real::domains_with_prefix(&prefix), [domain]);
+    let (status, _) = d
+        .post("/api/jobs/terminate", json!({ "items": [{ "id": id }] }))
+        .await;
     assert_eq!(status, 200);
     let job = d.wait_state(&id, "SUCCESS", 60).await;
-    assert_eq!(job["updates"].as_array().unwrap().last().unwrap()["status"], "Your job has been cancelled!");
-    assert!(real::domains_with_prefix(&prefix).is_empty(), "domain left in libvirt");
+    assert_eq!(
+        job["updates"].as_array().unwrap().last().unwrap()["status"],
+        "Your job has been cancelled!"
+    );
+    assert!(
+        real::domains_with_prefix(&prefix).is_empty(),
+        "domain left in libvirt"
+    );
     let left = real::files_under(&dir.path().join("vms"));
     assert!(left.is_empty(), "files left behind: {left:?}");
 }
@@ -129,7 +158,8 @@ impl Process {
                 }
             }
         });
-        rx.recv_timeout(Duration::from_secs(60)).expect("vmhost did not start serving");
+        rx.recv_timeout(Duration::from_secs(60))
+            .expect("vmhost did not start serving");
         (Process { child }, String::new())
     }
 
@@ -149,13 +179,20 @@ impl Drop for Process {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_operation_loses_nothing() {
-    if !real::available("kill_9_mid_operation_loses_nothing", &["busybox-tiny/initrd.img"]) {
+    if !real::available(
+        "kill_9_mid_operation_loses_nothing",
+        &["busybox-tiny/initrd.img"],
+    ) {
         return;
     }
     let prefix = real::prefix("restart");
     real::remove_leftovers(&prefix);
     let dir = real::data_dir();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let config_path = dir.path().join("vmhost.toml");
     std::fs::write(
         &config_path,
@@ -194,7 +231,9 @@ async fn kill_9_mid_operation_loses_nothing() {
     };
     let state_of = |id: String| {
         let call = &call;
-        async move { call(&format!("/api/jobs/retrieve?id={id}"), None).await.1["status"]["state"].clone() }
+        async move {
+            call(&format!("/api/jobs/retrieve?id={id}"), None).await.1["status"]["state"].clone()
+        }
     };
     let wait = |id: String, want: &'static str| {
         let state_of = &state_of;
@@ -219,7 +258,10 @@ async fn kill_9_mid_operation_loses_nothing() {
     vmhost.kill_9();
     let (vmhost, _) = Process::start(&config_path);
     wait(id.clone(), "RUNNING").await;
-    assert_eq!(real::domains_with_prefix(&prefix), [format!("{prefix}-{id}-0")]);
+    assert_eq!(
+        real::domains_with_prefix(&prefix),
+        [format!("{prefix}-{id}-0")]
+    );
 
     // 2. Killed while running: the VM keeps running and is re-adopted.
     vmhost.kill_9();
@@ -228,12 +270,19 @@ async fn kill_9_mid_operation_loses_nothing() {
     assert_eq!(state_of(id.clone()).await, "RUNNING");
 
     // 3. Killed right after a terminate was accepted.
-    let (status, _) = call("/api/jobs/terminate", Some(json!({ "items": [{ "id": id }] }))).await;
+    let (status, _) = call(
+        "/api/jobs/terminate",
+        Some(json!({ "items": [{ "id": id }] })),
+    )
+    .await;
     assert_eq!(status, 200);
     vmhost.kill_9();
     let (_vmhost, _) = Process::start(&config_path);
     wait(id.clone(), "SUCCESS").await;
-    assert!(real::domains_with_prefix(&prefix).is_empty(), "domain left in libvirt");
+    assert!(
+        real::domains_with_prefix(&prefix).is_empty(),
+        "domain left in libvirt"
+    );
     let left = real::files_under(&dir.path().join("vms"));
     assert!(left.is_empty(), "files left behind: {left:?}");
 }

@@ -20,7 +20,12 @@ fn statuses(job: &Value) -> Vec<(String, String)> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|u| (u["state"].as_str().unwrap_or("").to_owned(), u["status"].as_str().unwrap_or("").to_owned()))
+        .map(|u| {
+            (
+                u["state"].as_str().unwrap_or("").to_owned(),
+                u["status"].as_str().unwrap_or("").to_owned(),
+            )
+        })
         .collect()
 }
 
@@ -37,7 +42,10 @@ async fn create_runs_a_vm_and_terminate_removes_it() {
     assert_eq!(
         statuses(&job),
         [
-            ("IN_QUEUE".into(), "Your job is now waiting in the queue!".into()),
+            (
+                "IN_QUEUE".into(),
+                "Your job is now waiting in the queue!".into()
+            ),
             ("RUNNING".into(), "Your job is now running!".into())
         ]
     );
@@ -48,14 +56,21 @@ async fn create_runs_a_vm_and_terminate_removes_it() {
     assert_eq!(domain.spec.memory_mib, 1024);
     assert_eq!(domain.spec.disk_gib, 8);
 
-    let (status, body) = d.post("/api/jobs/terminate", json!({ "items": [{ "id": id }] })).await;
+    let (status, body) = d
+        .post("/api/jobs/terminate", json!({ "items": [{ "id": id }] }))
+        .await;
     assert_eq!((status, body), (200, json!({ "responses": [{}] })));
     let job = d.wait_state(&id, "SUCCESS", 10).await;
-    assert_eq!(statuses(&job).last().unwrap().1, "Your job has been cancelled!");
+    assert_eq!(
+        statuses(&job).last().unwrap().1,
+        "Your job has been cancelled!"
+    );
     assert!(d.fake.snapshot().is_empty(), "domain left behind");
     assert_eq!(job["status"]["expiresAt"], Value::Null);
 
-    let (status, body) = d.post("/api/jobs/terminate", json!({ "items": [{ "id": id }] })).await;
+    let (status, body) = d
+        .post("/api/jobs/terminate", json!({ "items": [{ "id": id }] }))
+        .await;
     assert_eq!(status, 409, "{body}");
 }
 
@@ -100,9 +115,14 @@ async fn bad_requests_are_refused_with_why_and_create_nothing() {
     ];
     for (i, s) in bad.into_iter().enumerate() {
         // A valid item first proves that one bad item refuses the whole request.
-        let (status, body) = d.post("/api/jobs", json!({ "items": [vm_spec(), s] })).await;
+        let (status, body) = d
+            .post("/api/jobs", json!({ "items": [vm_spec(), s] }))
+            .await;
         assert_eq!(status, 400, "case {i}: {body}");
-        assert!(body["why"].as_str().is_some_and(|w| !w.is_empty()), "case {i}: {body}");
+        assert!(
+            body["why"].as_str().is_some_and(|w| !w.is_empty()),
+            "case {i}: {body}"
+        );
         assert_eq!(body["errorCode"], "BAD_REQUEST", "case {i}: {body}");
     }
     let raw = |body: &'static str| {
@@ -115,8 +135,14 @@ async fn bad_requests_are_refused_with_why_and_create_nothing() {
     let resp = raw("{not json").send().await.unwrap();
     assert_eq!(resp.status(), 400);
     let body: Value = resp.json().await.unwrap();
-    assert!(body["why"].as_str().unwrap().contains("malformed JSON"), "{body}");
-    let huge = format!("{{\"items\": [], \"pad\": \"{}\"}}", "x".repeat(2 * 1024 * 1024));
+    assert!(
+        body["why"].as_str().unwrap().contains("malformed JSON"),
+        "{body}"
+    );
+    let huge = format!(
+        "{{\"items\": [], \"pad\": \"{}\"}}",
+        "x".repeat(2 * 1024 * 1024)
+    );
     let resp = d
         .client
         .post(format!("{}/api/jobs", d.base))
@@ -129,7 +155,14 @@ async fn bad_requests_are_refused_with_why_and_create_nothing() {
     assert_eq!(resp.status(), 400);
     let (status, _) = d.post("/api/jobs", json!({ "items": [] })).await;
     assert_eq!(status, 400);
-    let (status, body) = d.call("POST", "/api/jobs", "wrong-token", Some(json!({ "items": [vm_spec()] }))).await;
+    let (status, body) = d
+        .call(
+            "POST",
+            "/api/jobs",
+            "wrong-token",
+            Some(json!({ "items": [vm_spec()] })),
+        )
+        .await;
     assert_eq!(status, 401, "{body}");
 
     let (_, page) = d.get("/api/jobs/browse").await;
@@ -150,10 +183,21 @@ async fn duplicates_are_refused_unless_allowed() {
     allowed["allowDuplicateJob"] = json!(true);
     let second = d.create(allowed).await;
     // Bob is another user: his identical job is not a duplicate of Alice's.
-    let (status, _) = d.call("POST", "/api/jobs", OTHER_TOKEN, Some(json!({ "items": [s.clone()] }))).await;
+    let (status, _) = d
+        .call(
+            "POST",
+            "/api/jobs",
+            OTHER_TOKEN,
+            Some(json!({ "items": [s.clone()] })),
+        )
+        .await;
     assert_eq!(status, 200);
     // Once no identical job is active, the same specification is accepted again.
-    d.post("/api/jobs/terminate", json!({ "items": [{ "id": first }, { "id": second }] })).await;
+    d.post(
+        "/api/jobs/terminate",
+        json!({ "items": [{ "id": first }, { "id": second }] }),
+    )
+    .await;
     d.wait_state(&first, "SUCCESS", 10).await;
     d.wait_state(&second, "SUCCESS", 10).await;
     d.create(s).await;
@@ -165,9 +209,18 @@ async fn users_see_and_act_on_their_own_jobs_only() {
     let id = d.create(vm_spec()).await;
     for (method, path, body) in [
         ("GET", format!("/api/jobs/retrieve?id={id}"), None),
-        ("POST", "/api/jobs/terminate".to_owned(), Some(json!({ "items": [{ "id": id }] }))),
-        ("POST", "/api/jobs/extend".to_owned(),
-            Some(json!({ "items": [{ "jobId": id, "requestedTime": { "hours": 1, "minutes": 0, "seconds": 0 } }] }))),
+        (
+            "POST",
+            "/api/jobs/terminate".to_owned(),
+            Some(json!({ "items": [{ "id": id }] })),
+        ),
+        (
+            "POST",
+            "/api/jobs/extend".to_owned(),
+            Some(
+                json!({ "items": [{ "jobId": id, "requestedTime": { "hours": 1, "minutes": 0, "seconds": 0 } }] }),
+            ),
+        ),
     ] {
         let (status, body) = d.call(method, &path, OTHER_TOKEN, body).await;
         assert_eq!(status, 404, "{path}: {body}");
@@ -199,8 +252,16 @@ async fn browse_pages_filters_and_include_flags() {
         assert_eq!(page["itemsPerPage"], 2);
         for item in page["items"].as_array().unwrap() {
             seen.push(item["id"].as_str().unwrap().to_owned());
-            assert_eq!(item["specification"]["parameters"], Value::Null, "parameters need includeParameters");
-            assert_eq!(item["updates"].as_array().unwrap().len(), 1, "one update without includeUpdates");
+            assert_eq!(
+                item["specification"]["parameters"],
+                Value::Null,
+                "parameters need includeParameters"
+            );
+            assert_eq!(
+                item["updates"].as_array().unwrap().len(),
+                1,
+                "one update without includeUpdates"
+            );
         }
         match page["next"].as_str() {
             Some(n) => next = Some(n.to_owned()),
@@ -215,19 +276,37 @@ async fn browse_pages_filters_and_include_flags() {
     let (_, page) = d.get(&filter).await;
     let items = page["items"].as_array().unwrap();
     assert_eq!(items.len(), 2);
-    assert_eq!(items[0]["specification"]["parameters"]["diskSize"]["value"], 13);
+    assert_eq!(
+        items[0]["specification"]["parameters"]["diskSize"]["value"],
+        13
+    );
     assert_eq!(items[0]["status"]["resolvedProduct"]["cpu"], 1);
-    assert_eq!(items[0]["status"]["resolvedApplication"]["metadata"]["name"], "debian-cloud");
-    assert_eq!(items[0]["status"]["resolvedSupport"]["virtualMachine"]["enabled"], true);
+    assert_eq!(
+        items[0]["status"]["resolvedApplication"]["metadata"]["name"],
+        "debian-cloud"
+    );
+    assert_eq!(
+        items[0]["status"]["resolvedSupport"]["virtualMachine"]["enabled"],
+        true
+    );
     assert_eq!(items[0]["permissions"]["myself"], json!(["ADMIN"]));
 
     for id in &ids {
         d.wait_state(id, "RUNNING", 10).await;
     }
-    d.post("/api/jobs/terminate", json!({ "items": [{ "id": ids[1] }] })).await;
+    d.post(
+        "/api/jobs/terminate",
+        json!({ "items": [{ "id": ids[1] }] }),
+    )
+    .await;
     d.wait_state(&ids[1], "SUCCESS", 10).await;
     let (_, page) = d.get("/api/jobs/browse?filterState=SUCCESS").await;
-    let found: Vec<&str> = page["items"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap()).collect();
+    let found: Vec<&str> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap())
+        .collect();
     assert_eq!(found, [ids[1].as_str()]);
     for (query, expected) in [
         ("filterApplication=debian-cloud", 5),
@@ -245,7 +324,12 @@ async fn browse_pages_filters_and_include_flags() {
         let (_, page) = d.get(&format!("/api/jobs/browse?{query}")).await;
         assert_eq!(page["items"].as_array().unwrap().len(), expected, "{query}");
     }
-    let (status, page) = d.post("/api/jobs/search", json!({ "query": "number 3", "flags": {} })).await;
+    let (status, page) = d
+        .post(
+            "/api/jobs/search",
+            json!({ "query": "number 3", "flags": {} }),
+        )
+        .await;
     assert_eq!(status, 200, "{page}");
     assert_eq!(page["items"][0]["id"], ids[3]);
     let (status, _) = d.get("/api/jobs/browse?next=garbage").await;
@@ -267,7 +351,8 @@ async fn replicas_start_one_vm_per_rank() {
         assert_eq!(dom.spec.rank, rank);
         assert_eq!(dom.state, PowerState::Running);
     }
-    d.post("/api/jobs/terminate", json!({ "items": [{ "id": id }] })).await;
+    d.post("/api/jobs/terminate", json!({ "items": [{ "id": id }] }))
+        .await;
     d.wait_state(&id, "SUCCESS", 10).await;
     assert!(d.fake.snapshot().is_empty());
 }
@@ -294,20 +379,34 @@ async fn hypervisor_events_keep_the_job_state_true() {
     for id in [&off, &crashed, &vanished] {
         d.wait_state(id, "RUNNING", 10).await;
     }
-    d.fake.simulate_stop(&format!("vmhost-test-{off}-0"), StopCause::GuestShutdown);
-    d.fake.simulate_stop(&format!("vmhost-test-{crashed}-0"), StopCause::Crashed);
+    d.fake
+        .simulate_stop(&format!("vmhost-test-{off}-0"), StopCause::GuestShutdown);
+    d.fake
+        .simulate_stop(&format!("vmhost-test-{crashed}-0"), StopCause::Crashed);
     d.fake.vanish_silently(&format!("vmhost-test-{vanished}-0"));
     let job = d.wait_state(&off, "SUSPENDED", 10).await;
-    assert_eq!(statuses(&job).last().unwrap().1, "The virtual machine was powered off from inside");
+    assert_eq!(
+        statuses(&job).last().unwrap().1,
+        "The virtual machine was powered off from inside"
+    );
     let job = d.wait_state(&crashed, "SUSPENDED", 10).await;
     assert!(statuses(&job).last().unwrap().1.contains("crashed"));
     // No event at all: the periodic sync (1 s in tests) notices.
     let job = d.wait_state(&vanished, "FAILURE", 10).await;
     assert!(statuses(&job).last().unwrap().1.contains("disappeared"));
-    assert!(d.fake.snapshot().contains_key(&format!("vmhost-test-{off}-0")), "disk of a powered-off VM kept");
-    d.post("/api/jobs/terminate", json!({ "items": [{ "id": off }] })).await;
+    assert!(
+        d.fake
+            .snapshot()
+            .contains_key(&format!("vmhost-test-{off}-0")),
+        "disk of a powered-off VM kept"
+    );
+    d.post("/api/jobs/terminate", json!({ "items": [{ "id": off }] }))
+        .await;
     d.wait_state(&off, "SUCCESS", 10).await;
-    assert!(!d.fake.snapshot().contains_key(&format!("vmhost-test-{off}-0")));
+    assert!(!d
+        .fake
+        .snapshot()
+        .contains_key(&format!("vmhost-test-{off}-0")));
 }
 
 #[tokio::test]
@@ -325,8 +424,14 @@ async fn time_allocation_sets_a_deadline_that_extend_moves_and_expiry_enforces()
         .await;
     assert_eq!((status, body), (200, json!({ "responses": [{}] })));
     let job = d.retrieve(&id).await;
-    assert_eq!(job["status"]["expiresAt"].as_i64().unwrap(), expires + 3_600_000);
-    assert_eq!(job["specification"]["timeAllocation"]["hours"], 5, "the spec is echoed as given");
+    assert_eq!(
+        job["status"]["expiresAt"].as_i64().unwrap(),
+        expires + 3_600_000
+    );
+    assert_eq!(
+        job["specification"]["timeAllocation"]["hours"], 5,
+        "the spec is echoed as given"
+    );
 
     let no_deadline = d.create(vm_spec()).await;
     let (status, _) = d
@@ -339,7 +444,10 @@ async fn time_allocation_sets_a_deadline_that_extend_moves_and_expiry_enforces()
     let short_id = d.create(short).await;
     let job = d.wait_state(&short_id, "EXPIRED", 15).await;
     assert!(statuses(&job).last().unwrap().1.contains("expired"));
-    assert!(!d.fake.snapshot().contains_key(&format!("vmhost-test-{short_id}-0")));
+    assert!(!d
+        .fake
+        .snapshot()
+        .contains_key(&format!("vmhost-test-{short_id}-0")));
     let (status, _) = d
         .post("/api/jobs/extend", json!({ "items": [{ "jobId": short_id, "requestedTime": { "hours": 1, "minutes": 0, "seconds": 0 } }] }))
         .await;
@@ -359,7 +467,11 @@ async fn restart_readopts_running_vms_and_repairs_the_rest() {
     }
     let finished = d.create(vm_spec()).await;
     d.wait_state(&finished, "RUNNING", 10).await;
-    d.post("/api/jobs/terminate", json!({ "items": [{ "id": finished }] })).await;
+    d.post(
+        "/api/jobs/terminate",
+        json!({ "items": [{ "id": finished }] }),
+    )
+    .await;
     d.wait_state(&finished, "SUCCESS", 10).await;
     let config = d.config.clone();
     d.kill();
@@ -367,24 +479,41 @@ async fn restart_readopts_running_vms_and_repairs_the_rest() {
     // While vmhost is down: one VM disappears, one is powered off, an operator defines a
     // domain of their own with our prefix, and a finished job's domain reappears.
     fake.vanish_silently(&format!("vmhost-test-{vanishes}-0"));
-    fake.simulate_stop(&format!("vmhost-test-{powered_off}-0"), StopCause::Destroyed);
-    let mut foreign = fake.snapshot()[&format!("vmhost-test-{kept}-0")].spec.clone();
+    fake.simulate_stop(
+        &format!("vmhost-test-{powered_off}-0"),
+        StopCause::Destroyed,
+    );
+    let mut foreign = fake.snapshot()[&format!("vmhost-test-{kept}-0")]
+        .spec
+        .clone();
     foreign.name = "vmhost-test-operator".into();
     foreign.agent_id = "someone-else".into();
     fake.insert_foreign(foreign, PowerState::Running);
-    let mut stale = fake.snapshot()[&format!("vmhost-test-{kept}-0")].spec.clone();
+    let mut stale = fake.snapshot()[&format!("vmhost-test-{kept}-0")]
+        .spec
+        .clone();
     stale.name = format!("vmhost-test-{finished}-0");
     stale.job_id = finished.clone();
     fake.insert_foreign(stale, PowerState::Running);
 
     let d = TestDaemon::start(config, fake.clone()).await;
     let job = d.wait_state(&kept, "RUNNING", 10).await;
-    assert_eq!(job["updates"].as_array().unwrap().len(), 2, "re-adoption adds no update");
+    assert_eq!(
+        job["updates"].as_array().unwrap().len(),
+        2,
+        "re-adoption adds no update"
+    );
     d.wait_state(&vanishes, "FAILURE", 10).await;
     d.wait_state(&powered_off, "SUSPENDED", 10).await;
     let domains = fake.snapshot();
-    assert!(domains.contains_key("vmhost-test-operator"), "a foreign domain was touched");
-    assert!(!domains.contains_key(&format!("vmhost-test-{finished}-0")), "final job's domain kept");
+    assert!(
+        domains.contains_key("vmhost-test-operator"),
+        "a foreign domain was touched"
+    );
+    assert!(
+        !domains.contains_key(&format!("vmhost-test-{finished}-0")),
+        "final job's domain kept"
+    );
     assert_eq!(domains["vmhost-test-operator"].state, PowerState::Running);
 }
 
@@ -397,7 +526,8 @@ async fn a_terminate_interrupted_by_a_crash_finishes_after_restart() {
     d.wait_state(&id, "RUNNING", 10).await;
     // The hypervisor refuses, so the runner keeps retrying the teardown when vmhost dies.
     fake.set_unavailable(true);
-    d.post("/api/jobs/terminate", json!({ "items": [{ "id": id }] })).await;
+    d.post("/api/jobs/terminate", json!({ "items": [{ "id": id }] }))
+        .await;
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let config = d.config.clone();
     d.kill();
@@ -415,14 +545,20 @@ async fn products_report_what_works() {
     let items = body["productsByProvider"]["vmhost"].as_array().unwrap();
     assert_eq!(items.len(), 2);
     assert_eq!(items[0]["product"]["name"], "vm-small");
-    assert_eq!(items[0]["product"]["category"], json!({ "name": "vm", "provider": "vmhost" }));
+    assert_eq!(
+        items[0]["product"]["category"],
+        json!({ "name": "vm", "provider": "vmhost" })
+    );
     let vm = &items[0]["support"]["virtualMachine"];
     assert_eq!(vm["enabled"], true);
     assert_eq!(vm["logs"], true);
     assert_eq!(vm["vnc"], false);
     d.fake.set_unavailable(true);
     let (_, body) = d.get("/api/jobs/retrieveProducts").await;
-    assert_eq!(body["productsByProvider"]["vmhost"][0]["support"]["virtualMachine"]["enabled"], false);
+    assert_eq!(
+        body["productsByProvider"]["vmhost"][0]["support"]["virtualMachine"]["enabled"],
+        false
+    );
     let (status, body) = d.get("/api/jobs/retrieveUtilization").await;
     assert_eq!(status, 503, "{body}");
     d.fake.set_unavailable(false);
@@ -433,4 +569,100 @@ async fn products_report_what_works() {
     assert_eq!(body["usedCapacity"]["cpu"], 1.0);
     assert_eq!(body["queueStatus"]["running"], 1);
     assert_eq!(body["capacity"]["cpu"], 64.0);
+}
+
+mod follow {
+    use super::*;
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    async fn next_frame(
+        ws: &mut (impl futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>>
+                  + Unpin),
+    ) -> Value {
+        loop {
+            let msg = tokio::time::timeout(std::time::Duration::from_secs(10), ws.next())
+                .await
+                .expect("a frame within 10 s")
+                .expect("stream open")
+                .unwrap();
+            if let Message::Text(text) = msg {
+                return serde_json::from_str(&text).unwrap();
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn follow_streams_the_story_console_and_end() {
+        let (d, _dir) = daemon().await;
+        let id = d.create(vm_spec()).await;
+        d.wait_state(&id, "RUNNING", 10).await;
+        // The fake hypervisor writes no console; put some where virtlogd would.
+        let log = d
+            .config
+            .vm_dir()
+            .join(format!("vmhost-test-{id}-0"))
+            .join("console.log");
+        std::fs::create_dir_all(log.parent().unwrap()).unwrap();
+        std::fs::write(&log, "boot line 1\n").unwrap();
+
+        let url = format!("{}/api/jobs", d.base.replace("http://", "ws://"));
+        let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        let call = json!({ "call": "jobs.follow", "streamId": "s1", "payload": { "id": id }, "bearer": TOKEN });
+        ws.send(Message::Text(call.to_string().into()))
+            .await
+            .unwrap();
+        let first = next_frame(&mut ws).await;
+        assert_eq!(first["type"], "message");
+        assert_eq!(first["streamId"], "s1");
+        assert_eq!(first["payload"]["updates"].as_array().unwrap().len(), 2);
+        assert_eq!(first["payload"]["newStatus"]["state"], "RUNNING");
+        assert_eq!(
+            first["payload"]["log"],
+            json!([{ "rank": 0, "stdout": "boot line 1\n", "stderr": null }])
+        );
+
+        std::fs::write(&log, "boot line 1\nlogin: \n").unwrap();
+        let more = next_frame(&mut ws).await;
+        assert_eq!(more["payload"]["log"][0]["stdout"], "login: \n");
+
+        d.post("/api/jobs/terminate", json!({ "items": [{ "id": id }] }))
+            .await;
+        let mut states = Vec::new();
+        loop {
+            let frame = next_frame(&mut ws).await;
+            if frame["type"] == "response" {
+                assert_eq!(frame["status"], 200);
+                break;
+            }
+            for u in frame["payload"]["updates"].as_array().into_iter().flatten() {
+                states.push(u["state"].as_str().unwrap().to_owned());
+            }
+        }
+        assert_eq!(states, ["SUCCESS"]);
+    }
+
+    #[tokio::test]
+    async fn follow_refuses_strangers_and_unknown_jobs() {
+        let (d, _dir) = daemon().await;
+        let id = d.create(vm_spec()).await;
+        let url = format!("{}/api/jobs", d.base.replace("http://", "ws://"));
+        let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        for (stream, payload, bearer, status) in [
+            ("a", json!({ "id": id }), "wrong", 401),
+            ("b", json!({ "id": id }), OTHER_TOKEN, 404),
+            ("c", json!({ "id": "999" }), TOKEN, 404),
+            ("d", json!({}), TOKEN, 400),
+        ] {
+            let call = json!({ "call": "jobs.follow", "streamId": stream, "payload": payload, "bearer": bearer });
+            ws.send(Message::Text(call.to_string().into()))
+                .await
+                .unwrap();
+            let frame = next_frame(&mut ws).await;
+            assert_eq!(frame["type"], "response", "{frame}");
+            assert_eq!(frame["streamId"], stream);
+            assert_eq!(frame["status"], status, "{frame}");
+            assert!(frame["payload"]["why"].is_string());
+        }
+    }
 }

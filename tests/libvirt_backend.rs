@@ -77,7 +77,10 @@ async fn define_start_shutdown_remove_round_trip() {
         f.backend.state(&s.name).await.expect("state"),
         Some(PowerState::ShutOff)
     );
-    assert_eq!(Some(std::fs::read(&s.seed_path).expect("seed")), s.seed_image);
+    assert_eq!(
+        Some(std::fs::read(&s.seed_path).expect("seed")),
+        s.seed_image
+    );
     let seed_mode = std::fs::metadata(&s.seed_path).expect("stat").mode() & 0o777;
     assert_eq!(seed_mode, 0o644);
     assert_eq!(backing_file(&s.overlay), f.base.to_str().expect("utf-8"));

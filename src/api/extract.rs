@@ -30,12 +30,18 @@ where
 
 fn json_rejection(rejection: JsonRejection) -> ApiError {
     match rejection {
-        JsonRejection::JsonDataError(e) => ApiError::BadRequest(format!("invalid request: {}", e.body_text())),
-        JsonRejection::JsonSyntaxError(e) => ApiError::BadRequest(format!("malformed JSON: {}", e.body_text())),
+        JsonRejection::JsonDataError(e) => {
+            ApiError::BadRequest(format!("invalid request: {}", e.body_text()))
+        }
+        JsonRejection::JsonSyntaxError(e) => {
+            ApiError::BadRequest(format!("malformed JSON: {}", e.body_text()))
+        }
         JsonRejection::MissingJsonContentType(_) => {
             ApiError::BadRequest("expected a JSON body with Content-Type: application/json".into())
         }
-        JsonRejection::BytesRejection(e) => ApiError::BadRequest(format!("cannot read body: {}", e.body_text())),
+        JsonRejection::BytesRejection(e) => {
+            ApiError::BadRequest(format!("cannot read body: {}", e.body_text()))
+        }
         other => ApiError::BadRequest(other.body_text()),
     }
 }
@@ -55,7 +61,9 @@ where
         Query::<T>::from_request_parts(parts, state)
             .await
             .map(|Query(q)| AppQuery(q))
-            .map_err(|e: QueryRejection| ApiError::BadRequest(format!("invalid query: {}", e.body_text())))
+            .map_err(|e: QueryRejection| {
+                ApiError::BadRequest(format!("invalid query: {}", e.body_text()))
+            })
     }
 }
 
@@ -78,6 +86,9 @@ where
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .ok_or(ApiError::Unauthenticated)?;
-        state.user_for_token(token).map(AuthUser).ok_or(ApiError::Unauthenticated)
+        state
+            .user_for_token(token)
+            .map(AuthUser)
+            .ok_or(ApiError::Unauthenticated)
     }
 }

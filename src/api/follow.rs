@@ -60,7 +60,9 @@ async fn session(state: AppState, mut socket: WebSocket) {
             other => Err(ApiError::NotFound(format!("unknown call {other:?}"))),
         };
         let end = match outcome {
-            Ok(Ended::Finished) => json!({ "type": "response", "streamId": stream_id, "status": 200, "payload": {} }),
+            Ok(Ended::Finished) => {
+                json!({ "type": "response", "streamId": stream_id, "status": 200, "payload": {} })
+            }
             Ok(Ended::ClientGone) => return,
             Err(e) => response(&stream_id, &e),
         };
@@ -84,7 +86,11 @@ async fn send(socket: &mut WebSocket, frame: &Value) -> Result<(), axum::Error> 
     socket.send(Message::Text(frame.to_string().into())).await
 }
 
-async fn follow(state: &AppState, socket: &mut WebSocket, envelope: Envelope) -> Result<Ended, ApiError> {
+async fn follow(
+    state: &AppState,
+    socket: &mut WebSocket,
+    envelope: Envelope,
+) -> Result<Ended, ApiError> {
     let owner = envelope
         .bearer
         .as_deref()
@@ -162,5 +168,12 @@ async fn follow(state: &AppState, socket: &mut WebSocket, envelope: Envelope) ->
 }
 
 fn logs(chunks: Vec<(u32, String)>) -> Vec<JobsLog> {
-    chunks.into_iter().map(|(rank, stdout)| JobsLog { rank, stdout: Some(stdout), stderr: None }).collect()
+    chunks
+        .into_iter()
+        .map(|(rank, stdout)| JobsLog {
+            rank,
+            stdout: Some(stdout),
+            stderr: None,
+        })
+        .collect()
 }

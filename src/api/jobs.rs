@@ -23,7 +23,9 @@ pub(super) async fn jobs_create(
     AppJson(request): AppJson<BulkRequest<JobSpec>>,
 ) -> Result<Json<BulkResponse<FindByStringId>>, ApiError> {
     let ids = state.manager.create(&owner, request.items).await?;
-    Ok(Json(BulkResponse { responses: ids.into_iter().map(|id| FindByStringId { id }).collect() }))
+    Ok(Json(BulkResponse {
+        responses: ids.into_iter().map(|id| FindByStringId { id }).collect(),
+    }))
 }
 
 pub(super) async fn jobs_retrieve(
@@ -40,7 +42,16 @@ pub(super) async fn jobs_browse(
     AuthUser(owner): AuthUser,
     AppQuery(query): AppQuery<BrowseQuery>,
 ) -> Result<Json<PageV2<WireJob>>, ApiError> {
-    page(&state, &owner, query.flags, None, query.items_per_page, query.next).await.map(Json)
+    page(
+        &state,
+        &owner,
+        query.flags,
+        None,
+        query.items_per_page,
+        query.next,
+    )
+    .await
+    .map(Json)
 }
 
 pub(super) async fn jobs_search(
@@ -49,7 +60,16 @@ pub(super) async fn jobs_search(
     AppJson(request): AppJson<SearchRequest>,
 ) -> Result<Json<PageV2<WireJob>>, ApiError> {
     let text = Some(request.query).filter(|q| !q.trim().is_empty());
-    page(&state, &owner, request.flags, text, request.items_per_page, request.next).await.map(Json)
+    page(
+        &state,
+        &owner,
+        request.flags,
+        text,
+        request.items_per_page,
+        request.next,
+    )
+    .await
+    .map(Json)
 }
 
 pub(super) async fn jobs_terminate(
@@ -59,7 +79,9 @@ pub(super) async fn jobs_terminate(
 ) -> Result<Json<BulkResponse<Unit>>, ApiError> {
     let ids: Vec<String> = request.items.into_iter().map(|i| i.id).collect();
     state.manager.terminate(&owner, &ids).await?;
-    Ok(Json(BulkResponse { responses: ids.iter().map(|_| Unit {}).collect() }))
+    Ok(Json(BulkResponse {
+        responses: ids.iter().map(|_| Unit {}).collect(),
+    }))
 }
 
 pub(super) async fn jobs_extend(
@@ -67,9 +89,15 @@ pub(super) async fn jobs_extend(
     AuthUser(owner): AuthUser,
     AppJson(request): AppJson<BulkRequest<ExtendItem>>,
 ) -> Result<Json<BulkResponse<Unit>>, ApiError> {
-    let items: Vec<_> = request.items.into_iter().map(|i| (i.job_id, i.requested_time)).collect();
+    let items: Vec<_> = request
+        .items
+        .into_iter()
+        .map(|i| (i.job_id, i.requested_time))
+        .collect();
     state.manager.extend(&owner, &items).await?;
-    Ok(Json(BulkResponse { responses: items.iter().map(|_| Unit {}).collect() }))
+    Ok(Json(BulkResponse {
+        responses: items.iter().map(|_| Unit {}).collect(),
+    }))
 }
 
 /// Nothing needs initialising per user on a standalone host; UCloud may call it any time.
@@ -99,17 +127,28 @@ async fn page(
     let mut jobs = state.manager.browse(owner, query).await?;
     let more = jobs.len() > items_per_page as usize;
     jobs.truncate(items_per_page as usize);
-    let next = more.then(|| jobs.last().map(|j| encode_cursor(&j.id))).flatten();
+    let next = more
+        .then(|| jobs.last().map(|j| encode_cursor(&j.id)))
+        .flatten();
     let mut items = Vec::with_capacity(jobs.len());
     for job in &jobs {
         items.push(to_wire(state, job, &flags).await);
     }
-    Ok(PageV2 { items_per_page, items, next })
+    Ok(PageV2 {
+        items_per_page,
+        items,
+        next,
+    })
 }
 
 fn query_from_flags(flags: &JobIncludeFlags) -> JobQuery {
     let list = |s: &Option<String>| {
-        s.as_ref().map(|s| s.split(',').map(|p| p.trim().to_owned()).filter(|p| !p.is_empty()).collect())
+        s.as_ref().map(|s| {
+            s.split(',')
+                .map(|p| p.trim().to_owned())
+                .filter(|p| !p.is_empty())
+                .collect()
+        })
     };
     let mut providers: Option<Vec<String>> = list(&flags.filter_provider_ids);
     if let Some(p) = &flags.filter_provider {
@@ -139,9 +178,13 @@ fn encode_cursor(id: &str) -> String {
 
 fn decode_cursor(cursor: &str) -> Result<i64, ApiError> {
     let bad = || ApiError::BadRequest("invalid next token".into());
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(cursor).map_err(|_| bad())?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(cursor)
+        .map_err(|_| bad())?;
     let text = String::from_utf8(bytes).map_err(|_| bad())?;
-    text.strip_prefix("v1:").and_then(|id| id.parse().ok()).ok_or_else(bad)
+    text.strip_prefix("v1:")
+        .and_then(|id| id.parse().ok())
+        .ok_or_else(bad)
 }
 
 pub(super) async fn to_wire(state: &AppState, job: &JobRecord, flags: &JobIncludeFlags) -> WireJob {
@@ -153,7 +196,10 @@ pub(super) async fn to_wire(state: &AppState, job: &JobRecord, flags: &JobInclud
     };
     let resolved = Resolved {
         product,
-        image: state.manager.catalog().find(&job.spec.application.name, &job.spec.application.version),
+        image: state
+            .manager
+            .catalog()
+            .find(&job.spec.application.name, &job.spec.application.version),
         provider_id: &config.provider_id,
         support,
     };

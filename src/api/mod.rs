@@ -31,22 +31,33 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(manager: JobManager, users: &[crate::config::UserConfig]) -> AppState {
-        let users = users.iter().map(|u| (Sha256::digest(u.token.as_bytes()).into(), u.name.clone()));
-        AppState { manager, users: Arc::new(users.collect()) }
+        let users = users
+            .iter()
+            .map(|u| (Sha256::digest(u.token.as_bytes()).into(), u.name.clone()));
+        AppState {
+            manager,
+            users: Arc::new(users.collect()),
+        }
     }
 
     /// Comparing digests rather than tokens keeps the comparison time independent of how
     /// much of a guessed token is right.
     pub fn user_for_token(&self, token: &str) -> Option<Owner> {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        self.users.iter().find(|(d, _)| *d == digest).map(|(_, name)| Owner(name.clone()))
+        self.users
+            .iter()
+            .find(|(d, _)| *d == digest)
+            .map(|(_, name)| Owner(name.clone()))
     }
 }
 
 pub fn router(state: AppState) -> Router {
     let body_limit = state.manager.config().max_body_bytes;
     Router::new()
-        .route("/api/jobs", post(jobs::jobs_create).get(follow::jobs_follow))
+        .route(
+            "/api/jobs",
+            post(jobs::jobs_create).get(follow::jobs_follow),
+        )
         .route("/api/jobs/retrieve", get(jobs::jobs_retrieve))
         .route("/api/jobs/browse", get(jobs::jobs_browse))
         .route("/api/jobs/search", post(jobs::jobs_search))
@@ -55,10 +66,19 @@ pub fn router(state: AppState) -> Router {
         .route("/api/jobs/init", post(jobs::jobs_init))
         .route("/api/jobs/suspend", post(jobs::jobs_not_supported))
         .route("/api/jobs/unsuspend", post(jobs::jobs_not_supported))
-        .route("/api/jobs/interactiveSession", post(jobs::jobs_not_supported))
+        .route(
+            "/api/jobs/interactiveSession",
+            post(jobs::jobs_not_supported),
+        )
         .route("/api/jobs/updateAcl", post(jobs::jobs_not_supported))
-        .route("/api/jobs/retrieveProducts", get(products::jobs_retrieve_products))
-        .route("/api/jobs/retrieveUtilization", get(products::jobs_retrieve_utilization))
+        .route(
+            "/api/jobs/retrieveProducts",
+            get(products::jobs_retrieve_products),
+        )
+        .route(
+            "/api/jobs/retrieveUtilization",
+            get(products::jobs_retrieve_utilization),
+        )
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(tower_http::trace::TraceLayer::new_for_http())

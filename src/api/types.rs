@@ -203,13 +203,16 @@ pub fn wire_job(job: &JobRecord, flags: &JobIncludeFlags, resolved: &Resolved<'_
         status: wire_status(job, flags, resolved),
         created_at: job.created_at,
         output: None,
-        permissions: on(flags.include_others)
-            .then(|| json!({ "myself": ["ADMIN"], "others": [] })),
+        permissions: on(flags.include_others).then(|| json!({ "myself": ["ADMIN"], "others": [] })),
         provider_generated_id: None,
     }
 }
 
-pub fn wire_status(job: &JobRecord, flags: &JobIncludeFlags, resolved: &Resolved<'_>) -> WireJobStatus {
+pub fn wire_status(
+    job: &JobRecord,
+    flags: &JobIncludeFlags,
+    resolved: &Resolved<'_>,
+) -> WireJobStatus {
     let on = |flag: Option<bool>| flag.unwrap_or(false);
     WireJobStatus {
         state: job.state,

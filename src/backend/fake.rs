@@ -44,12 +44,17 @@ struct Failures {
 
 impl Default for FakeBackend {
     fn default() -> Self {
-        FakeBackend::new(HostInfo { cpus: 64, memory_mib: 256 * 1024 })
+        FakeBackend::new(HostInfo {
+            cpus: 64,
+            memory_mib: 256 * 1024,
+        })
     }
 }
 
 fn unavailable() -> BackendError {
-    BackendError::Unavailable { err: "fake hypervisor is down".into() }
+    BackendError::Unavailable {
+        err: "fake hypervisor is down".into(),
+    }
 }
 
 impl FakeBackend {
@@ -96,7 +101,14 @@ impl FakeBackend {
 
     /// Defines a domain vmhost did not create (an operator's, or another agent's).
     pub fn insert_foreign(&self, spec: VmSpec, state: PowerState) {
-        self.domains().insert(spec.name.clone(), FakeDomain { spec, state, shutdown_requests: 0 });
+        self.domains().insert(
+            spec.name.clone(),
+            FakeDomain {
+                spec,
+                state,
+                shutdown_requests: 0,
+            },
+        );
     }
 
     /// The guest (or QEMU) stops on its own.
@@ -104,7 +116,10 @@ impl FakeBackend {
         if let Some(d) = self.domains().get_mut(name) {
             d.state = PowerState::ShutOff;
         }
-        let _ = self.events.send(VmEvent::Stopped { name: name.to_owned(), cause });
+        let _ = self.events.send(VmEvent::Stopped {
+            name: name.to_owned(),
+            cause,
+        });
     }
 
     /// The domain disappears without an event (as while vmhost was down).
@@ -117,24 +132,36 @@ impl FakeBackend {
 impl VmBackend for FakeBackend {
     async fn ensure_defined(&self, spec: &VmSpec) -> Result<(), BackendError> {
         self.check_available()?;
-        if self.failures().define.iter().any(|p| spec.name.contains(p.as_str())) {
+        if self
+            .failures()
+            .define
+            .iter()
+            .any(|p| spec.name.contains(p.as_str()))
+        {
             return Err(BackendError::Hypervisor {
                 op: "define",
                 name: spec.name.clone(),
                 err: "injected define failure".into(),
             });
         }
-        self.domains().entry(spec.name.clone()).or_insert_with(|| FakeDomain {
-            spec: spec.clone(),
-            state: PowerState::ShutOff,
-            shutdown_requests: 0,
-        });
+        self.domains()
+            .entry(spec.name.clone())
+            .or_insert_with(|| FakeDomain {
+                spec: spec.clone(),
+                state: PowerState::ShutOff,
+                shutdown_requests: 0,
+            });
         Ok(())
     }
 
     async fn start(&self, name: &str) -> Result<(), BackendError> {
         self.check_available()?;
-        if self.failures().start.iter().any(|p| name.contains(p.as_str())) {
+        if self
+            .failures()
+            .start
+            .iter()
+            .any(|p| name.contains(p.as_str()))
+        {
             return Err(BackendError::Hypervisor {
                 op: "start",
                 name: name.to_owned(),
@@ -142,10 +169,14 @@ impl VmBackend for FakeBackend {
             });
         }
         let mut domains = self.domains();
-        let d = domains.get_mut(name).ok_or(BackendError::NoSuchDomain { name: name.to_owned() })?;
+        let d = domains.get_mut(name).ok_or(BackendError::NoSuchDomain {
+            name: name.to_owned(),
+        })?;
         if d.state != PowerState::Running {
             d.state = PowerState::Running;
-            let _ = self.events.send(VmEvent::Started { name: name.to_owned() });
+            let _ = self.events.send(VmEvent::Started {
+                name: name.to_owned(),
+            });
         }
         Ok(())
     }
@@ -153,7 +184,9 @@ impl VmBackend for FakeBackend {
     async fn shutdown(&self, name: &str) -> Result<(), BackendError> {
         self.check_available()?;
         let mut domains = self.domains();
-        let d = domains.get_mut(name).ok_or(BackendError::NoSuchDomain { name: name.to_owned() })?;
+        let d = domains.get_mut(name).ok_or(BackendError::NoSuchDomain {
+            name: name.to_owned(),
+        })?;
         d.shutdown_requests += 1;
         Ok(())
     }
@@ -176,7 +209,9 @@ impl VmBackend for FakeBackend {
     async fn remove(&self, name: &str, _files: &VmFiles) -> Result<(), BackendError> {
         self.check_available()?;
         if self.domains().remove(name).is_some() {
-            let _ = self.events.send(VmEvent::Undefined { name: name.to_owned() });
+            let _ = self.events.send(VmEvent::Undefined {
+                name: name.to_owned(),
+            });
         }
         Ok(())
     }

@@ -32,7 +32,11 @@ pub enum BootMode {
     /// The disk carries its own bootloader (real cloud images).
     Disk,
     /// Direct kernel boot: the kernel and initrd live next to the base image.
-    Kernel { kernel: PathBuf, initrd: PathBuf, cmdline: String },
+    Kernel {
+        kernel: PathBuf,
+        initrd: PathBuf,
+        cmdline: String,
+    },
 }
 
 /// A network interface of the VM.
@@ -126,11 +130,20 @@ pub enum StopCause {
 /// A lifecycle event from the hypervisor.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VmEvent {
-    Started { name: String },
-    Stopped { name: String, cause: StopCause },
+    Started {
+        name: String,
+    },
+    Stopped {
+        name: String,
+        cause: StopCause,
+    },
     /// The guest asked to reboot; the domain stays up.
-    Rebooted { name: String },
-    Undefined { name: String },
+    Rebooted {
+        name: String,
+    },
+    Undefined {
+        name: String,
+    },
 }
 
 impl VmEvent {

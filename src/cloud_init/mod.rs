@@ -158,7 +158,8 @@ pub enum SeedError {
 /// Checks a job's SSH public keys the same way [`render`] will, so a bad key is refused
 /// when the job is submitted rather than when its VM is built.
 pub fn validate_ssh_keys(keys: &[String]) -> Result<(), SeedError> {
-    keys.iter().try_for_each(|key| validate::ssh_key(key).map(drop))
+    keys.iter()
+        .try_for_each(|key| validate::ssh_key(key).map(drop))
 }
 
 pub fn render(spec: &SeedSpec, templates: &SeedTemplates) -> Result<SeedFiles, SeedError> {

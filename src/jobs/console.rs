@@ -28,14 +28,21 @@ struct TailedFile {
 impl ConsoleTail {
     /// A tail that starts each file at most `backlog` bytes before its current end.
     pub fn new(backlog: u64) -> ConsoleTail {
-        ConsoleTail { files: Vec::new(), backlog }
+        ConsoleTail {
+            files: Vec::new(),
+            backlog,
+        }
     }
 
     /// Adds VMs that appeared since the last call (replicas are provisioned one by one).
     pub fn track(&mut self, vms: &[VmRecord]) {
         for vm in vms {
             if !self.files.iter().any(|f| f.path == vm.console_log) {
-                self.files.push(TailedFile { rank: vm.rank, path: vm.console_log.clone(), offset: None });
+                self.files.push(TailedFile {
+                    rank: vm.rank,
+                    path: vm.console_log.clone(),
+                    offset: None,
+                });
             }
         }
     }
@@ -44,8 +51,12 @@ impl ConsoleTail {
     pub async fn read_new(&mut self) -> Vec<(u32, String)> {
         let mut out = Vec::new();
         for file in &mut self.files {
-            let Ok(mut f) = tokio::fs::File::open(&file.path).await else { continue };
-            let Ok(meta) = f.metadata().await else { continue };
+            let Ok(mut f) = tokio::fs::File::open(&file.path).await else {
+                continue;
+            };
+            let Ok(meta) = f.metadata().await else {
+                continue;
+            };
             let len = meta.len();
             let start = match file.offset {
                 // A file that shrank was replaced: start over.
@@ -108,7 +119,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let v = vm(dir.path(), 1);
         let mut tail = ConsoleTail::new(1024);
-        tail.track(&[v.clone()]);
+        tail.track(std::slice::from_ref(&v));
         assert!(tail.read_new().await.is_empty());
         std::fs::write(&v.console_log, "boot\n").unwrap();
         assert_eq!(tail.read_new().await, vec![(1, "boot\n".to_owned())]);

@@ -72,22 +72,46 @@ impl std::fmt::Debug for JobManager {
 
 impl Inner {
     /// Appends an update to the store, then tells followers.
-    pub(super) async fn record(&self, job_id: &str, state: Option<state::JobState>, status: &str) -> Result<(), JobError> {
-        let update = JobUpdate { timestamp: now_millis(), state, status: Some(status.to_owned()) };
-        self.deps.store.append_update(job_id, update.clone()).await?;
-        let _ = self.changes.send(JobChange { job_id: job_id.to_owned(), update });
+    pub(super) async fn record(
+        &self,
+        job_id: &str,
+        state: Option<state::JobState>,
+        status: &str,
+    ) -> Result<(), JobError> {
+        let update = JobUpdate {
+            timestamp: now_millis(),
+            state,
+            status: Some(status.to_owned()),
+        };
+        self.deps
+            .store
+            .append_update(job_id, update.clone())
+            .await?;
+        let _ = self.changes.send(JobChange {
+            job_id: job_id.to_owned(),
+            update,
+        });
         Ok(())
     }
 
     pub(super) fn runner_finished(&self, job_id: &str) {
-        self.runners.lock().unwrap_or_else(|p| p.into_inner()).remove(job_id);
+        self.runners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(job_id);
     }
 }
 
 impl JobManager {
     pub fn new(deps: JobManagerDeps) -> JobManager {
         let (changes, _) = broadcast::channel(1024);
-        JobManager { inner: Arc::new(Inner { deps, runners: Mutex::new(HashMap::new()), changes }) }
+        JobManager {
+            inner: Arc::new(Inner {
+                deps,
+                runners: Mutex::new(HashMap::new()),
+                changes,
+            }),
+        }
     }
 
     pub fn config(&self) -> &Config {
@@ -120,10 +144,16 @@ impl JobManager {
 
     /// Validates every item first; only if all are valid are they stored (one transaction) and
     /// started. A refused request creates nothing.
-    pub async fn create(&self, owner: &Owner, specs: Vec<JobSpec>) -> Result<Vec<String>, JobError> {
+    pub async fn create(
+        &self,
+        owner: &Owner,
+        specs: Vec<JobSpec>,
+    ) -> Result<Vec<String>, JobError> {
         let deps = &self.inner.deps;
         if specs.is_empty() {
-            return Err(JobError::BadRequest("items must hold at least one job".into()));
+            return Err(JobError::BadRequest(
+                "items must hold at least one job".into(),
+            ));
         }
         let mut new_jobs = Vec::with_capacity(specs.len());
         let created_at = now_millis();
@@ -132,7 +162,9 @@ impl JobManager {
                 .map_err(|source| JobError::InvalidSpec { index, source })?;
             let fingerprint = spec.fingerprint();
             if !spec.allow_duplicate_job.unwrap_or(false) {
-                let in_request = new_jobs.iter().any(|j: &NewJob| j.fingerprint == fingerprint);
+                let in_request = new_jobs
+                    .iter()
+                    .any(|j: &NewJob| j.fingerprint == fingerprint);
                 let query = JobQuery {
                     owner: Some(owner.0.clone()),
                     fingerprint: Some(fingerprint.clone()),
@@ -142,7 +174,9 @@ impl JobManager {
                 };
                 let existing = deps.store.jobs(query).await?;
                 if in_request || !existing.is_empty() {
-                    let existing = existing.first().map_or("in this request".into(), |j| j.id.clone());
+                    let existing = existing
+                        .first()
+                        .map_or("in this request".into(), |j| j.id.clone());
                     return Err(JobError::Duplicate { index, existing });
                 }
             }
@@ -151,13 +185,22 @@ impl JobManager {
                 state: Some(state::JobState::InQueue),
                 status: Some(messages::QUEUED.to_owned()),
             };
-            new_jobs.push(NewJob { owner: owner.0.clone(), spec, fingerprint, created_at, first_update });
+            new_jobs.push(NewJob {
+                owner: owner.0.clone(),
+                spec,
+                fingerprint,
+                created_at,
+                first_update,
+            });
         }
         let firsts: Vec<JobUpdate> = new_jobs.iter().map(|j| j.first_update.clone()).collect();
         let ids = deps.store.insert_jobs(new_jobs).await?;
         for (id, update) in ids.iter().zip(firsts) {
             tracing::info!(job_id = %id, owner = %owner.0, "job accepted");
-            let _ = self.inner.changes.send(JobChange { job_id: id.clone(), update });
+            let _ = self.inner.changes.send(JobChange {
+                job_id: id.clone(),
+                update,
+            });
             self.ensure_runner(id);
         }
         Ok(ids)
@@ -172,7 +215,11 @@ impl JobManager {
     }
 
     /// Jobs of `owner` matching `query` (its `owner` field is overwritten).
-    pub async fn browse(&self, owner: &Owner, mut query: JobQuery) -> Result<Vec<JobRecord>, JobError> {
+    pub async fn browse(
+        &self,
+        owner: &Owner,
+        mut query: JobQuery,
+    ) -> Result<Vec<JobRecord>, JobError> {
         query.owner = Some(owner.0.clone());
         Ok(self.inner.deps.store.jobs(query).await?)
     }
@@ -181,8 +228,12 @@ impl JobManager {
     pub async fn terminate(&self, owner: &Owner, ids: &[String]) -> Result<(), JobError> {
         for id in ids {
             let job = self.retrieve(owner, id).await?;
-            state::transition(job.state, JobEvent::TerminateRequested)
-                .map_err(|denied| JobError::Denied { id: id.clone(), denied })?;
+            state::transition(job.state, JobEvent::TerminateRequested).map_err(|denied| {
+                JobError::Denied {
+                    id: id.clone(),
+                    denied,
+                }
+            })?;
         }
         for id in ids {
             self.inner.deps.store.set_terminate_requested(id).await?;
@@ -193,12 +244,19 @@ impl JobManager {
     }
 
     /// Adds time to each job's deadline; all must have one and be active.
-    pub async fn extend(&self, owner: &Owner, items: &[(String, SimpleDuration)]) -> Result<(), JobError> {
+    pub async fn extend(
+        &self,
+        owner: &Owner,
+        items: &[(String, SimpleDuration)],
+    ) -> Result<(), JobError> {
         let mut jobs = Vec::with_capacity(items.len());
         for (id, _) in items {
             let job = self.retrieve(owner, id).await?;
             if job.state.is_final() {
-                return Err(JobError::Denied { id: id.clone(), denied: state::Denied::AlreadyFinal });
+                return Err(JobError::Denied {
+                    id: id.clone(),
+                    denied: state::Denied::AlreadyFinal,
+                });
             }
             if job.spec.time_allocation.is_none() {
                 return Err(JobError::NoDeadline { id: id.clone() });
@@ -206,8 +264,15 @@ impl JobManager {
             jobs.push(job);
         }
         for (job, (_, by)) in jobs.iter().zip(items) {
-            self.inner.deps.store.extend_allocation(&job.id, by.as_millis()).await?;
-            let status = format!("The time allocation was extended by {}", describe_duration(by));
+            self.inner
+                .deps
+                .store
+                .extend_allocation(&job.id, by.as_millis())
+                .await?;
+            let status = format!(
+                "The time allocation was extended by {}",
+                describe_duration(by)
+            );
             self.inner.record(&job.id, None, &status).await?;
             self.send(&job.id, RunnerMsg::Wake);
         }
@@ -216,15 +281,22 @@ impl JobManager {
 
     /// What running jobs use on this host, and how many wait.
     pub async fn usage(&self) -> Result<Usage, JobError> {
-        let query = JobQuery { active_only: true, ..JobQuery::default() };
+        let query = JobQuery {
+            active_only: true,
+            ..JobQuery::default()
+        };
         let mut usage = Usage::default();
         for job in self.inner.deps.store.jobs(query).await? {
             match job.state {
                 state::JobState::Running => {
                     usage.running += 1;
-                    if let Some(p) = self.config().product(&job.spec.product.id, &job.spec.product.category) {
+                    if let Some(p) = self
+                        .config()
+                        .product(&job.spec.product.id, &job.spec.product.category)
+                    {
                         usage.cpu += p.cpu * job.spec.replicas();
-                        usage.memory_gib += u64::from(p.memory_in_gigs) * u64::from(job.spec.replicas());
+                        usage.memory_gib +=
+                            u64::from(p.memory_in_gigs) * u64::from(job.spec.replicas());
                     }
                 }
                 state::JobState::InQueue => usage.pending += 1,
@@ -256,13 +328,18 @@ impl JobManager {
             loop {
                 match events.recv().await {
                     Ok(event) => {
-                        if let Some((job_id, _)) = manager.inner.deps.naming.parse_domain(event.name()) {
+                        if let Some((job_id, _)) =
+                            manager.inner.deps.naming.parse_domain(event.name())
+                        {
                             manager.send(&job_id, RunnerMsg::Vm(event));
                         }
                     }
                     // Lost events are covered by every runner's periodic sync.
                     Err(broadcast::error::RecvError::Lagged(n)) => {
-                        tracing::warn!(lost = n, "hypervisor events lagged; relying on periodic sync");
+                        tracing::warn!(
+                            lost = n,
+                            "hypervisor events lagged; relying on periodic sync"
+                        );
                     }
                     Err(broadcast::error::RecvError::Closed) => break,
                 }
@@ -284,7 +361,12 @@ impl JobManager {
     /// Wakes or informs a job's runner. A full queue is fine to drop: the runner re-reads the
     /// store after every message, so the newest state is seen anyway.
     fn send(&self, id: &str, msg: RunnerMsg) {
-        let is_active = self.inner.runners.lock().unwrap_or_else(|p| p.into_inner()).contains_key(id);
+        let is_active = self
+            .inner
+            .runners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(id);
         if !is_active && !matches!(msg, RunnerMsg::Wake) {
             return;
         }

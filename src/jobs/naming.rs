@@ -48,7 +48,10 @@ impl VmNaming {
     /// A stable, locally administered MAC in QEMU's `52:54:00` range for NIC `index`.
     pub fn mac(&self, job_id: &str, rank: u32, index: u32) -> String {
         let digest = Sha256::digest(format!("{}/{job_id}/{rank}/{index}", self.agent_id));
-        format!("52:54:00:{:02x}:{:02x}:{:02x}", digest[0], digest[1], digest[2])
+        format!(
+            "52:54:00:{:02x}:{:02x}:{:02x}",
+            digest[0], digest[1], digest[2]
+        )
     }
 
     /// cloud-init's instance-id: stable for the life of the VM, so first-boot modules run once.
@@ -66,7 +69,11 @@ mod tests {
     use super::*;
 
     fn naming() -> VmNaming {
-        VmNaming { prefix: "vmhost-a".into(), vm_dir: "/d/vms".into(), agent_id: "x".into() }
+        VmNaming {
+            prefix: "vmhost-a".into(),
+            vm_dir: "/d/vms".into(),
+            agent_id: "x".into(),
+        }
     }
 
     #[test]
@@ -74,7 +81,13 @@ mod tests {
         let n = naming();
         assert_eq!(n.domain("42", 3), "vmhost-a-42-3");
         assert_eq!(n.parse_domain("vmhost-a-42-3"), Some(("42".into(), 3)));
-        for foreign in ["vmhost-b-42-3", "vmhost-a-x-1", "vmhost-a--1", "vmhost-a-42", "other"] {
+        for foreign in [
+            "vmhost-b-42-3",
+            "vmhost-a-x-1",
+            "vmhost-a--1",
+            "vmhost-a-42",
+            "other",
+        ] {
             assert_eq!(n.parse_domain(foreign), None, "{foreign}");
         }
     }

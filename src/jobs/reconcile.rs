@@ -36,7 +36,10 @@ impl JobManager {
         };
         let mut seen = HashSet::new();
         for domain in domains {
-            let ours = domain.owner.as_ref().filter(|o| o.agent_id == naming.agent_id);
+            let ours = domain
+                .owner
+                .as_ref()
+                .filter(|o| o.agent_id == naming.agent_id);
             let Some(owner) = ours else {
                 tracing::warn!(domain = %domain.name, "domain is not managed by this vmhost; leaving it alone");
                 report.foreign.push(domain.name);
@@ -59,7 +62,10 @@ impl JobManager {
         }
         // Records of final jobs whose domain is already gone: only files may remain.
         for vm in store.all_vms().await? {
-            let is_final = store.job(&vm.job_id).await?.is_none_or(|j| j.state.is_final());
+            let is_final = store
+                .job(&vm.job_id)
+                .await?
+                .is_none_or(|j| j.state.is_final());
             if is_final && !report.removed.contains(&vm.domain) {
                 self.remove_leftover(&vm).await?;
                 if !seen.contains(&vm.domain) {
@@ -68,8 +74,12 @@ impl JobManager {
             }
         }
         report.resumed = self.resume_active_jobs().await?;
-        tracing::info!(removed = report.removed.len(), foreign = report.foreign.len(),
-            resumed = report.resumed, "reconciled store with hypervisor");
+        tracing::info!(
+            removed = report.removed.len(),
+            foreign = report.foreign.len(),
+            resumed = report.resumed,
+            "reconciled store with hypervisor"
+        );
         Ok(report)
     }
 }

@@ -17,7 +17,9 @@ use tracing::Instrument;
 use super::manager::Inner;
 use super::state::{self, JobEvent, JobState, StopKind};
 use super::{messages, now_millis, spec, JobError, JobRecord, VmNaming};
-use crate::backend::{BackendError, BootMode, NicSpec, PowerState, StopCause, VmEvent, VmFiles, VmSpec};
+use crate::backend::{
+    BackendError, BootMode, NicSpec, PowerState, StopCause, VmEvent, VmFiles, VmSpec,
+};
 use crate::cloud_init::{self, NicAddressing, SeedNic, SeedSpec};
 use crate::images::BootKind;
 use crate::store::VmRecord;
@@ -88,22 +90,36 @@ async fn provision(ctx: &Inner, job: &JobRecord) -> Result<(), JobError> {
         deps.store.put_vm(record.clone()).await?;
         let started = async {
             let spec = vm_spec(ctx, job, &plan, &local, &record)?;
-            deps.backend.ensure_defined(&spec).await.map_err(StartError::Backend)?;
-            deps.backend.start(&record.domain).await.map_err(StartError::Backend)
+            deps.backend
+                .ensure_defined(&spec)
+                .await
+                .map_err(StartError::Backend)?;
+            deps.backend
+                .start(&record.domain)
+                .await
+                .map_err(StartError::Backend)
         };
         if let Err(e) = started.await {
             tracing::error!(rank, error = %error_chain(&e), "failed to start VM");
             remove_all(ctx, job).await?;
-            return fail(ctx, job, &format!("Failed to start the virtual machine: {}", e.user_message())).await;
+            return fail(
+                ctx,
+                job,
+                &format!("Failed to start the virtual machine: {}", e.user_message()),
+            )
+            .await;
         }
         tracing::info!(rank, domain = %record.domain, "VM started");
     }
     if job.expires_at.is_none() {
         if let Some(allocation) = job.allocation_ms {
-            deps.store.set_expires_at(&job.id, now_millis() + allocation).await?;
+            deps.store
+                .set_expires_at(&job.id, now_millis() + allocation)
+                .await?;
         }
     }
-    ctx.record(&job.id, Some(JobState::Running), messages::RUNNING).await
+    ctx.record(&job.id, Some(JobState::Running), messages::RUNNING)
+        .await
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -142,17 +158,28 @@ fn vm_spec(
         .collect();
     let seed = SeedSpec {
         instance_id: VmNaming::instance_id(&job.id, record.rank),
-        hostname: spec::hostname(&job.id, job.spec.name.as_deref(), record.rank, plan.replicas),
+        hostname: spec::hostname(
+            &job.id,
+            job.spec.name.as_deref(),
+            record.rank,
+            plan.replicas,
+        ),
         login_user: plan.image.login_user.clone(),
         ssh_authorized_keys: plan.ssh_keys.clone(),
         extra_user_data: plan.user_data.clone(),
         nics: nics
             .iter()
-            .map(|nic| SeedNic { mac: nic.mac.clone(), addressing: NicAddressing::Dhcp })
+            .map(|nic| SeedNic {
+                mac: nic.mac.clone(),
+                addressing: NicAddressing::Dhcp,
+            })
             .collect(),
     };
     let seed_image = if plan.image.cloud_init {
-        Some(cloud_init::vfat_image(&cloud_init::render(&seed, &deps.templates)?)?)
+        Some(cloud_init::vfat_image(&cloud_init::render(
+            &seed,
+            &deps.templates,
+        )?)?)
     } else {
         None
     };
@@ -247,7 +274,9 @@ async fn sync_power_state(ctx: &Inner, job: &JobRecord) -> Result<Option<JobEven
     for vm in ctx.deps.store.vms(&job.id).await? {
         match ctx.deps.backend.state(&vm.domain).await {
             Ok(None) => return Ok(Some(JobEvent::Vanished)),
-            Ok(Some(PowerState::ShutOff)) => return Ok(Some(JobEvent::Stopped(StopKind::FromHost))),
+            Ok(Some(PowerState::ShutOff)) => {
+                return Ok(Some(JobEvent::Stopped(StopKind::FromHost)))
+            }
             Ok(Some(PowerState::Crashed)) => return Ok(Some(JobEvent::Stopped(StopKind::Crashed))),
             Ok(Some(_)) => {}
             // The hypervisor being unreachable says nothing about the VM; try next tick.
@@ -258,7 +287,9 @@ async fn sync_power_state(ctx: &Inner, job: &JobRecord) -> Result<Option<JobEven
 }
 
 async fn on_vm_event(ctx: &Inner, job: &JobRecord, event: JobEvent) -> Result<(), JobError> {
-    let Ok(next) = state::transition(job.state, event) else { return Ok(()) };
+    let Ok(next) = state::transition(job.state, event) else {
+        return Ok(());
+    };
     let message = match event {
         JobEvent::Stopped(StopKind::FromInside) => messages::POWERED_OFF_INSIDE,
         JobEvent::Stopped(StopKind::FromHost) => messages::POWERED_OFF_HOST,
@@ -277,7 +308,11 @@ async fn on_vm_event(ctx: &Inner, job: &JobRecord, event: JobEvent) -> Result<()
             }
         }
     }
-    tracing::info!(?event, next = next.as_str(), "VM state changed outside vmhost");
+    tracing::info!(
+        ?event,
+        next = next.as_str(),
+        "VM state changed outside vmhost"
+    );
     ctx.record(&job.id, Some(next), message).await
 }
 
@@ -310,10 +345,16 @@ async fn wait_for_change(
 
 /// Removes every VM of the job and records the final state.
 async fn teardown(ctx: &Inner, job: &JobRecord, event: JobEvent) -> Result<(), JobError> {
-    let next = state::transition(job.state, event)
-        .map_err(|denied| JobError::Denied { id: job.id.clone(), denied })?;
+    let next = state::transition(job.state, event).map_err(|denied| JobError::Denied {
+        id: job.id.clone(),
+        denied,
+    })?;
     remove_all(ctx, job).await?;
-    let message = if event == JobEvent::Expired { messages::EXPIRED } else { messages::CANCELLED };
+    let message = if event == JobEvent::Expired {
+        messages::EXPIRED
+    } else {
+        messages::CANCELLED
+    };
     tracing::info!(state = next.as_str(), "job torn down");
     ctx.record(&job.id, Some(next), message).await
 }

@@ -114,7 +114,11 @@ pub struct LaunchPlan {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SpecError {
     #[error("unknown product {id:?} in category {category:?} of provider {provider:?}")]
-    UnknownProduct { id: String, category: String, provider: String },
+    UnknownProduct {
+        id: String,
+        category: String,
+        provider: String,
+    },
     #[error("unknown application {name:?} version {version:?}")]
     UnknownApplication { name: String, version: String },
     #[error("{0}")]
@@ -126,7 +130,11 @@ fn invalid<T>(why: impl Into<String>) -> Result<T, SpecError> {
 }
 
 /// Checks `spec` against this host's products, images and rules.
-pub fn validate(spec: &JobSpec, config: &Config, catalog: &Catalog) -> Result<LaunchPlan, SpecError> {
+pub fn validate(
+    spec: &JobSpec,
+    config: &Config,
+    catalog: &Catalog,
+) -> Result<LaunchPlan, SpecError> {
     let product = spec
         .product
         .provider
@@ -138,12 +146,12 @@ pub fn validate(spec: &JobSpec, config: &Config, catalog: &Catalog) -> Result<La
             category: spec.product.category.clone(),
             provider: spec.product.provider.clone(),
         })?;
-    let image = catalog.find(&spec.application.name, &spec.application.version).ok_or_else(|| {
-        SpecError::UnknownApplication {
+    let image = catalog
+        .find(&spec.application.name, &spec.application.version)
+        .ok_or_else(|| SpecError::UnknownApplication {
             name: spec.application.name.clone(),
             version: spec.application.version.clone(),
-        }
-    })?;
+        })?;
     if let Some(name) = &spec.name {
         if name.chars().count() > MAX_NAME_LEN || name.chars().any(char::is_control) {
             return invalid(format!(
@@ -153,11 +161,16 @@ pub fn validate(spec: &JobSpec, config: &Config, catalog: &Catalog) -> Result<La
     }
     let replicas = spec.replicas();
     if replicas == 0 || replicas > config.max_replicas {
-        return invalid(format!("replicas must be between 1 and {}", config.max_replicas));
+        return invalid(format!(
+            "replicas must be between 1 and {}",
+            config.max_replicas
+        ));
     }
     if let Some(resources) = &spec.resources {
         if let Some(kind) = resources.iter().map(value_type).next() {
-            return invalid(format!("resources of type {kind:?} are not supported by this provider"));
+            return invalid(format!(
+                "resources of type {kind:?} are not supported by this provider"
+            ));
         }
     }
     if spec.opened_file.is_some() {
@@ -196,15 +209,21 @@ pub fn validate(spec: &JobSpec, config: &Config, catalog: &Catalog) -> Result<La
                     .filter(|l| !l.is_empty())
                     .map(str::to_owned)
                     .collect();
-                cloud_init::validate_ssh_keys(&plan.ssh_keys)
-                    .map_err(|e| SpecError::Invalid(format!("parameter {name}: {}", crate::telemetry::error_chain(&e))))?;
+                cloud_init::validate_ssh_keys(&plan.ssh_keys).map_err(|e| {
+                    SpecError::Invalid(format!(
+                        "parameter {name}: {}",
+                        crate::telemetry::error_chain(&e)
+                    ))
+                })?;
             }
             PARAM_USER_DATA => {
                 let text = text_param(name, value)?;
-                plan.user_data = Some(
-                    cloud_init::parse_user_cloud_config(text)
-                        .map_err(|e| SpecError::Invalid(format!("parameter {name}: {}", crate::telemetry::error_chain(&e))))?,
-                );
+                plan.user_data = Some(cloud_init::parse_user_cloud_config(text).map_err(|e| {
+                    SpecError::Invalid(format!(
+                        "parameter {name}: {}",
+                        crate::telemetry::error_chain(&e)
+                    ))
+                })?);
             }
             PARAM_DISK_SIZE => {
                 let gib = integer_param(name, value)?;
@@ -234,7 +253,11 @@ pub fn validate(spec: &JobSpec, config: &Config, catalog: &Catalog) -> Result<La
 }
 
 fn value_type(value: &Value) -> String {
-    value.get("type").and_then(Value::as_str).unwrap_or("<missing type>").to_owned()
+    value
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or("<missing type>")
+        .to_owned()
 }
 
 fn text_param<'a>(name: &str, value: &'a Value) -> Result<&'a str, SpecError> {
@@ -247,7 +270,10 @@ fn text_param<'a>(name: &str, value: &'a Value) -> Result<&'a str, SpecError> {
 }
 
 fn integer_param(name: &str, value: &Value) -> Result<u64, SpecError> {
-    match (value_type(value).as_str(), value.get("value").and_then(Value::as_u64)) {
+    match (
+        value_type(value).as_str(),
+        value.get("value").and_then(Value::as_u64),
+    ) {
         ("integer", Some(n)) => Ok(n),
         _ => invalid(format!(
             "parameter {name} must be {{\"type\": \"integer\", \"value\": <non-negative number>}}"
@@ -263,7 +289,11 @@ pub fn hostname(job_id: &str, name: Option<&str>, rank: u32, replicas: u32) -> S
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
         .collect();
-    base = base.split('-').filter(|s| !s.is_empty()).collect::<Vec<_>>().join("-");
+    base = base
+        .split('-')
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join("-");
     base.truncate(50);
     let base = base.trim_end_matches('-');
     let base = if base.is_empty() {

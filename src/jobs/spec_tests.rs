@@ -54,24 +54,57 @@ fn parameters_are_typed_and_checked() {
 fn product_application_and_limits_are_enforced() {
     let mut spec = base();
     spec.product.provider = "other".into();
-    assert!(matches!(check(&spec), Err(SpecError::UnknownProduct { .. })));
+    assert!(matches!(
+        check(&spec),
+        Err(SpecError::UnknownProduct { .. })
+    ));
     let mut spec = base();
     spec.application.version = "11".into();
-    assert!(matches!(check(&spec), Err(SpecError::UnknownApplication { .. })));
+    assert!(matches!(
+        check(&spec),
+        Err(SpecError::UnknownApplication { .. })
+    ));
     for (mutate, what) in [
-        (Box::new(|s: &mut JobSpec| s.replicas = Some(0)) as Box<dyn Fn(&mut JobSpec)>, "zero replicas"),
-        (Box::new(|s: &mut JobSpec| s.replicas = Some(9)), "too many replicas"),
-        (Box::new(|s: &mut JobSpec| s.name = Some("a\nb".into())), "control characters"),
-        (Box::new(|s: &mut JobSpec| s.name = Some("x".repeat(201))), "long name"),
-        (Box::new(|s: &mut JobSpec| s.opened_file = Some("/x".into())), "openedFile"),
-        (Box::new(|s: &mut JobSpec| s.restart_on_exit = Some(true)), "restartOnExit"),
+        (
+            Box::new(|s: &mut JobSpec| s.replicas = Some(0)) as Box<dyn Fn(&mut JobSpec)>,
+            "zero replicas",
+        ),
+        (
+            Box::new(|s: &mut JobSpec| s.replicas = Some(9)),
+            "too many replicas",
+        ),
+        (
+            Box::new(|s: &mut JobSpec| s.name = Some("a\nb".into())),
+            "control characters",
+        ),
+        (
+            Box::new(|s: &mut JobSpec| s.name = Some("x".repeat(201))),
+            "long name",
+        ),
+        (
+            Box::new(|s: &mut JobSpec| s.opened_file = Some("/x".into())),
+            "openedFile",
+        ),
+        (
+            Box::new(|s: &mut JobSpec| s.restart_on_exit = Some(true)),
+            "restartOnExit",
+        ),
         (
             Box::new(|s: &mut JobSpec| {
-                s.time_allocation = Some(SimpleDuration { hours: 0, minutes: 0, seconds: 0 })
+                s.time_allocation = Some(SimpleDuration {
+                    hours: 0,
+                    minutes: 0,
+                    seconds: 0,
+                })
             }),
             "zero time",
         ),
-        (Box::new(|s: &mut JobSpec| s.resources = Some(vec![serde_json::json!({"type": "peer"})])), "resources"),
+        (
+            Box::new(|s: &mut JobSpec| {
+                s.resources = Some(vec![serde_json::json!({"type": "peer"})])
+            }),
+            "resources",
+        ),
     ] {
         let mut spec = base();
         mutate(&mut spec);
@@ -93,9 +126,15 @@ fn fingerprint_ignores_the_display_name_but_not_the_shape() {
 #[test]
 fn hostnames_are_dns_labels() {
     assert_eq!(hostname("7", None, 0, 1), "job-7");
-    assert_eq!(hostname("7", Some("My Analysis #1!"), 0, 1), "my-analysis-1");
+    assert_eq!(
+        hostname("7", Some("My Analysis #1!"), 0, 1),
+        "my-analysis-1"
+    );
     assert_eq!(hostname("7", Some("---"), 0, 1), "job-7");
-    assert_eq!(hostname("7", Some("x\n  - runcmd: [reboot]"), 0, 1), "x-runcmd-reboot");
+    assert_eq!(
+        hostname("7", Some("x\n  - runcmd: [reboot]"), 0, 1),
+        "x-runcmd-reboot"
+    );
     assert_eq!(hostname("7", Some("cluster"), 2, 3), "cluster-2");
     assert!(hostname("7", Some(&"a".repeat(300)), 0, 1).len() <= 63);
     assert_eq!(hostname("7", Some("2fast"), 0, 1), "2fast");

@@ -43,7 +43,10 @@ impl JobState {
     ];
 
     pub fn is_final(self) -> bool {
-        matches!(self, JobState::Success | JobState::Failure | JobState::Expired)
+        matches!(
+            self,
+            JobState::Success | JobState::Failure | JobState::Expired
+        )
     }
 
     pub fn as_str(self) -> &'static str {
@@ -147,10 +150,18 @@ mod tests {
             (S::InQueue, E::ProvisionFailed, Ok(S::Failure)),
             (S::InQueue, E::TerminateRequested, Ok(S::InQueue)),
             (S::InQueue, E::Terminated, Ok(S::Success)),
-            (S::InQueue, E::Stopped(StopKind::FromInside), Err(Denied::NotApplicable)),
+            (
+                S::InQueue,
+                E::Stopped(StopKind::FromInside),
+                Err(Denied::NotApplicable),
+            ),
             (S::InQueue, E::SuspendRequested, Err(Denied::NotRunning)),
             (S::Running, E::Provisioned, Err(Denied::NotApplicable)),
-            (S::Running, E::Stopped(StopKind::FromInside), Ok(S::Suspended)),
+            (
+                S::Running,
+                E::Stopped(StopKind::FromInside),
+                Ok(S::Suspended),
+            ),
             (S::Running, E::Stopped(StopKind::Crashed), Ok(S::Suspended)),
             (S::Running, E::Vanished, Ok(S::Failure)),
             (S::Running, E::Terminated, Ok(S::Success)),
@@ -159,7 +170,11 @@ mod tests {
             (S::Running, E::UnsuspendRequested, Err(Denied::NotSuspended)),
             (S::Suspended, E::UnsuspendRequested, Ok(S::InQueue)),
             (S::Suspended, E::Terminated, Ok(S::Success)),
-            (S::Suspended, E::Stopped(StopKind::FromHost), Err(Denied::NotApplicable)),
+            (
+                S::Suspended,
+                E::Stopped(StopKind::FromHost),
+                Err(Denied::NotApplicable),
+            ),
             (S::Success, E::TerminateRequested, Err(Denied::AlreadyFinal)),
             (S::Failure, E::Provisioned, Err(Denied::AlreadyFinal)),
             (S::Expired, E::UnsuspendRequested, Err(Denied::AlreadyFinal)),

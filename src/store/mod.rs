@@ -47,14 +47,23 @@ pub struct Store {
 
 impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let open_err = |err| StoreError::Open { path: path.to_owned(), err };
+        let open_err = |err| StoreError::Open {
+            path: path.to_owned(),
+            err,
+        };
         let mut conn = Connection::open(path).map_err(open_err)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(open_err)?;
-        conn.pragma_update(None, "synchronous", "FULL").map_err(open_err)?;
-        conn.pragma_update(None, "foreign_keys", "ON").map_err(open_err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(open_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(open_err)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(open_err)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(open_err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(open_err)?;
         schema::migrate(&mut conn)?;
-        Ok(Store { conn: Arc::new(Mutex::new(conn)) })
+        Ok(Store {
+            conn: Arc::new(Mutex::new(conn)),
+        })
     }
 
     /// Runs `f` with the connection on the blocking pool.
@@ -101,24 +110,28 @@ impl Store {
     /// Appends an update (and applies its state, `started_at` when it enters RUNNING).
     pub async fn append_update(&self, id: &str, update: JobUpdate) -> Result<(), StoreError> {
         let id = id.to_owned();
-        self.with(move |c| queries::append_update(c, &id, &update)).await
+        self.with(move |c| queries::append_update(c, &id, &update))
+            .await
     }
 
     /// Records that a terminate was requested, so a restart finishes it.
     pub async fn set_terminate_requested(&self, id: &str) -> Result<(), StoreError> {
         let id = id.to_owned();
-        self.with(move |c| queries::set_terminate_requested(c, &id)).await
+        self.with(move |c| queries::set_terminate_requested(c, &id))
+            .await
     }
 
     /// Adds to a job's time allocation and, once it has one, its deadline.
     pub async fn extend_allocation(&self, id: &str, add_ms: i64) -> Result<(), StoreError> {
         let id = id.to_owned();
-        self.with(move |c| queries::extend_allocation(c, &id, add_ms)).await
+        self.with(move |c| queries::extend_allocation(c, &id, add_ms))
+            .await
     }
 
     pub async fn set_expires_at(&self, id: &str, at: i64) -> Result<(), StoreError> {
         let id = id.to_owned();
-        self.with(move |c| queries::set_expires_at(c, &id, at)).await
+        self.with(move |c| queries::set_expires_at(c, &id, at))
+            .await
     }
 
     pub async fn put_vm(&self, vm: VmRecord) -> Result<(), StoreError> {

@@ -61,13 +61,18 @@ const FINAL_STATES: &str = "('SUCCESS','FAILURE','EXPIRED')";
 pub(super) fn agent_id(c: &mut Connection) -> Result<String, StoreError> {
     let tx = c.transaction()?;
     let existing: Option<String> = tx
-        .query_row("SELECT value FROM meta WHERE key = 'agent_id'", [], |r| r.get(0))
+        .query_row("SELECT value FROM meta WHERE key = 'agent_id'", [], |r| {
+            r.get(0)
+        })
         .optional()?;
     let id = match existing {
         Some(id) => id,
         None => {
             let id = uuid::Uuid::new_v4().to_string();
-            tx.execute("INSERT INTO meta (key, value) VALUES ('agent_id', ?1)", [&id])?;
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES ('agent_id', ?1)",
+                [&id],
+            )?;
             id
         }
     };
@@ -99,7 +104,9 @@ pub(super) fn insert_jobs(c: &mut Connection, jobs: &[NewJob]) -> Result<Vec<Str
                 job.spec.product.category,
                 job.spec.product.provider,
                 job.created_at,
-                job.spec.time_allocation.map(crate::jobs::spec::SimpleDuration::as_millis),
+                job.spec
+                    .time_allocation
+                    .map(crate::jobs::spec::SimpleDuration::as_millis),
             ],
         )?;
         let id = tx.last_insert_rowid().to_string();
@@ -123,12 +130,21 @@ pub(super) fn append_update(c: &mut Connection, id: &str, u: &JobUpdate) -> Resu
     let tx = c.transaction()?;
     insert_update(&tx, id, u)?;
     if let Some(state) = u.state {
-        tx.execute("UPDATE jobs SET state = ?2 WHERE id = ?1", params![id, state.as_str()])?;
+        tx.execute(
+            "UPDATE jobs SET state = ?2 WHERE id = ?1",
+            params![id, state.as_str()],
+        )?;
         if state == JobState::Running {
-            tx.execute("UPDATE jobs SET started_at = ?2 WHERE id = ?1", params![id, u.timestamp])?;
+            tx.execute(
+                "UPDATE jobs SET started_at = ?2 WHERE id = ?1",
+                params![id, u.timestamp],
+            )?;
         }
         if state.is_final() {
-            tx.execute("UPDATE jobs SET expires_at = NULL WHERE id = ?1", params![id])?;
+            tx.execute(
+                "UPDATE jobs SET expires_at = NULL WHERE id = ?1",
+                params![id],
+            )?;
         }
     }
     tx.commit()?;
@@ -136,14 +152,27 @@ pub(super) fn append_update(c: &mut Connection, id: &str, u: &JobUpdate) -> Resu
 }
 
 pub(super) fn set_terminate_requested(c: &mut Connection, id: &str) -> Result<(), StoreError> {
-    c.execute("UPDATE jobs SET terminate_requested = 1 WHERE id = ?1", [id])?;
+    c.execute(
+        "UPDATE jobs SET terminate_requested = 1 WHERE id = ?1",
+        [id],
+    )?;
     Ok(())
 }
 
 const JOB_COLUMNS: &str =
     "id, owner, state, spec, created_at, started_at, expires_at, terminate_requested, allocation_ms";
 
-type JobRow = (i64, String, String, String, i64, Option<i64>, Option<i64>, bool, Option<i64>);
+type JobRow = (
+    i64,
+    String,
+    String,
+    String,
+    i64,
+    Option<i64>,
+    Option<i64>,
+    bool,
+    Option<i64>,
+);
 
 fn job_from_row(row: &Row<'_>) -> rusqlite::Result<JobRow> {
     Ok((
@@ -160,10 +189,22 @@ fn job_from_row(row: &Row<'_>) -> rusqlite::Result<JobRow> {
 }
 
 fn hydrate(c: &Connection, row: JobRow) -> Result<JobRecord, StoreError> {
-    let (id, owner, state, spec, created_at, started_at, expires_at, terminate_requested, allocation_ms) =
-        row;
+    let (
+        id,
+        owner,
+        state,
+        spec,
+        created_at,
+        started_at,
+        expires_at,
+        terminate_requested,
+        allocation_ms,
+    ) = row;
     let id = id.to_string();
-    let corrupt = |why: String| StoreError::Corrupt { id: id.clone(), why };
+    let corrupt = |why: String| StoreError::Corrupt {
+        id: id.clone(),
+        why,
+    };
     let state = JobState::parse(&state).ok_or_else(|| corrupt(format!("unknown state {state}")))?;
     let spec: JobSpec = serde_json::from_str(&spec).map_err(|e| corrupt(e.to_string()))?;
     let mut stmt = c.prepare_cached(
@@ -171,11 +212,19 @@ fn hydrate(c: &Connection, row: JobRow) -> Result<JobRecord, StoreError> {
     )?;
     let updates = stmt
         .query_map([&id], |r| {
-            Ok((r.get::<_, i64>(0)?, r.get::<_, Option<String>>(1)?, r.get::<_, Option<String>>(2)?))
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, Option<String>>(1)?,
+                r.get::<_, Option<String>>(2)?,
+            ))
         })?
         .map(|r| {
             let (timestamp, state, status) = r?;
-            Ok(JobUpdate { timestamp, state: state.as_deref().and_then(JobState::parse), status })
+            Ok(JobUpdate {
+                timestamp,
+                state: state.as_deref().and_then(JobState::parse),
+                status,
+            })
         })
         .collect::<Result<Vec<_>, StoreError>>()?;
     Ok(JobRecord {
@@ -193,9 +242,15 @@ fn hydrate(c: &Connection, row: JobRow) -> Result<JobRecord, StoreError> {
 }
 
 pub(super) fn job(c: &mut Connection, id: &str) -> Result<Option<JobRecord>, StoreError> {
-    let Ok(numeric) = id.parse::<i64>() else { return Ok(None) };
+    let Ok(numeric) = id.parse::<i64>() else {
+        return Ok(None);
+    };
     let row = c
-        .query_row(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"), [numeric], job_from_row)
+        .query_row(
+            &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"),
+            [numeric],
+            job_from_row,
+        )
         .optional()?;
     row.map(|row| hydrate(c, row)).transpose()
 }
@@ -214,9 +269,19 @@ pub(super) fn jobs(c: &mut Connection, q: &JobQuery) -> Result<Vec<JobRecord>, S
     eq(&mut sql, "app_name", q.app_name.as_ref(), false);
     eq(&mut sql, "owner", q.created_by.as_ref(), false);
     eq(&mut sql, "product_id", q.product_id.as_ref(), false);
-    eq(&mut sql, "product_category", q.product_category.as_ref(), false);
+    eq(
+        &mut sql,
+        "product_category",
+        q.product_category.as_ref(),
+        false,
+    );
     eq(&mut sql, "product_id", q.hide_product_id.as_ref(), true);
-    eq(&mut sql, "product_category", q.hide_product_category.as_ref(), true);
+    eq(
+        &mut sql,
+        "product_category",
+        q.hide_product_category.as_ref(),
+        true,
+    );
     eq(&mut sql, "provider", q.hide_provider.as_ref(), true);
     eq(&mut sql, "fingerprint", q.fingerprint.as_ref(), false);
     let state = q.state.map(|s| s.as_str().to_owned());
@@ -227,7 +292,10 @@ pub(super) fn jobs(c: &mut Connection, q: &JobQuery) -> Result<Vec<JobRecord>, S
         args.extend(numeric.into_iter().map(Into::into));
     }
     if let Some(providers) = &q.providers {
-        sql.push_str(&format!(" AND provider IN ({})", placeholders(providers.len())));
+        sql.push_str(&format!(
+            " AND provider IN ({})",
+            placeholders(providers.len())
+        ));
         args.extend(providers.iter().map(|p| p.trim().to_owned().into()));
     }
     if let Some(after) = q.created_after {
@@ -239,8 +307,15 @@ pub(super) fn jobs(c: &mut Connection, q: &JobQuery) -> Result<Vec<JobRecord>, S
         args.push(before.into());
     }
     if let Some(text) = &q.text {
-        sql.push_str(" AND (CAST(id AS TEXT) = ? OR name LIKE ? ESCAPE '\\' OR app_name LIKE ? ESCAPE '\\')");
-        let like = format!("%{}%", text.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_"));
+        sql.push_str(
+            " AND (CAST(id AS TEXT) = ? OR name LIKE ? ESCAPE '\\' OR app_name LIKE ? ESCAPE '\\')",
+        );
+        let like = format!(
+            "%{}%",
+            text.replace('\\', "\\\\")
+                .replace('%', "\\%")
+                .replace('_', "\\_")
+        );
         args.extend([text.clone().into(), like.clone().into(), like.into()]);
     }
     if let Some(before_id) = q.before_id {
@@ -271,10 +346,13 @@ fn placeholders(n: usize) -> String {
 }
 
 pub(super) fn active_job_ids(c: &mut Connection) -> Result<Vec<String>, StoreError> {
-    let mut stmt =
-        c.prepare(&format!("SELECT id FROM jobs WHERE state NOT IN {FINAL_STATES} ORDER BY id"))?;
+    let mut stmt = c.prepare(&format!(
+        "SELECT id FROM jobs WHERE state NOT IN {FINAL_STATES} ORDER BY id"
+    ))?;
     let ids = stmt.query_map([], |r| r.get::<_, i64>(0))?;
-    Ok(ids.map(|id| id.map(|id| id.to_string())).collect::<Result<_, _>>()?)
+    Ok(ids
+        .map(|id| id.map(|id| id.to_string()))
+        .collect::<Result<_, _>>()?)
 }
 
 pub(super) fn put_vm(c: &mut Connection, vm: &VmRecord) -> Result<(), StoreError> {
@@ -311,14 +389,17 @@ fn vm_from_row(r: &Row<'_>) -> rusqlite::Result<VmRecord> {
 const VM_COLUMNS: &str = "job_id, rank, domain, dir, overlay, seed, console_log";
 
 pub(super) fn vms(c: &mut Connection, job_id: &str) -> Result<Vec<VmRecord>, StoreError> {
-    let mut stmt =
-        c.prepare(&format!("SELECT {VM_COLUMNS} FROM job_vms WHERE job_id = ?1 ORDER BY rank"))?;
+    let mut stmt = c.prepare(&format!(
+        "SELECT {VM_COLUMNS} FROM job_vms WHERE job_id = ?1 ORDER BY rank"
+    ))?;
     let rows = stmt.query_map([job_id], vm_from_row)?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
 pub(super) fn all_vms(c: &mut Connection) -> Result<Vec<VmRecord>, StoreError> {
-    let mut stmt = c.prepare(&format!("SELECT {VM_COLUMNS} FROM job_vms ORDER BY job_id, rank"))?;
+    let mut stmt = c.prepare(&format!(
+        "SELECT {VM_COLUMNS} FROM job_vms ORDER BY job_id, rank"
+    ))?;
     let rows = stmt.query_map([], vm_from_row)?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
@@ -328,7 +409,11 @@ pub(super) fn delete_vm(c: &mut Connection, domain: &str) -> Result<(), StoreErr
     Ok(())
 }
 
-pub(super) fn extend_allocation(c: &mut Connection, id: &str, add_ms: i64) -> Result<(), StoreError> {
+pub(super) fn extend_allocation(
+    c: &mut Connection,
+    id: &str,
+    add_ms: i64,
+) -> Result<(), StoreError> {
     c.execute(
         "UPDATE jobs SET allocation_ms = allocation_ms + ?2,
                          expires_at = CASE WHEN expires_at IS NULL THEN NULL ELSE expires_at + ?2 END
@@ -339,6 +424,9 @@ pub(super) fn extend_allocation(c: &mut Connection, id: &str, add_ms: i64) -> Re
 }
 
 pub(super) fn set_expires_at(c: &mut Connection, id: &str, at: i64) -> Result<(), StoreError> {
-    c.execute("UPDATE jobs SET expires_at = ?2 WHERE id = ?1", params![id, at])?;
+    c.execute(
+        "UPDATE jobs SET expires_at = ?2 WHERE id = ?1",
+        params![id, at],
+    )?;
     Ok(())
 }

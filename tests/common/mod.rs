@@ -22,8 +22,13 @@ pub struct TestDaemon {
 
 pub fn config(dir: &std::path::Path) -> Config {
     // The fake hypervisor never reads images, but the image cache checks they exist.
-    for image in ["debian12-cloud/disk.qcow2", "debian12-cloud/vmlinuz", "debian12-cloud/initrd.img",
-                  "busybox-tiny/vmlinuz", "busybox-tiny/initrd.img"] {
+    for image in [
+        "debian12-cloud/disk.qcow2",
+        "debian12-cloud/vmlinuz",
+        "debian12-cloud/initrd.img",
+        "busybox-tiny/vmlinuz",
+        "busybox-tiny/initrd.img",
+    ] {
         let path = dir.join("images").join(image);
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(path, b"").unwrap();
@@ -35,8 +40,14 @@ pub fn config(dir: &std::path::Path) -> Config {
         domain_prefix: "vmhost-test".into(),
         sync_interval_secs: 1,
         users: vec![
-            UserConfig { name: "alice".into(), token: TOKEN.into() },
-            UserConfig { name: "bob".into(), token: OTHER_TOKEN.into() },
+            UserConfig {
+                name: "alice".into(),
+                token: TOKEN.into(),
+            },
+            UserConfig {
+                name: "bob".into(),
+                token: OTHER_TOKEN.into(),
+            },
         ],
         ..Config::default()
     }
@@ -50,15 +61,27 @@ impl TestDaemon {
     }
 
     /// A daemon over any hypervisor (`fake` is then a fresh, unused fake).
-    pub async fn start_with(config: Config, backend: Arc<dyn VmBackend>, accel: Accel) -> TestDaemon {
+    pub async fn start_with(
+        config: Config,
+        backend: Arc<dyn VmBackend>,
+        accel: Accel,
+    ) -> TestDaemon {
         let fake = Arc::new(FakeBackend::default());
-        let daemon = vmhost::server::build_with(config.clone(), backend, accel).await.unwrap();
+        let daemon = vmhost::server::build_with(config.clone(), backend, accel)
+            .await
+            .unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let server = tokio::spawn(async move {
             axum::serve(listener, daemon.router).await.unwrap();
         });
-        TestDaemon { base, fake, config, client: reqwest::Client::new(), server }
+        TestDaemon {
+            base,
+            fake,
+            config,
+            client: reqwest::Client::new(),
+            server,
+        }
     }
 
     /// Stops serving, as a killed process would: nothing is cleaned up.
@@ -66,16 +89,28 @@ impl TestDaemon {
         self.server.abort();
     }
 
-    pub async fn call(&self, method: &str, path: &str, token: &str, body: Option<Value>) -> (u16, Value) {
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
         let url = format!("{}{path}", self.base);
-        let mut req = self.client.request(method.parse().unwrap(), url).bearer_auth(token);
+        let mut req = self
+            .client
+            .request(method.parse().unwrap(), url)
+            .bearer_auth(token);
         if let Some(body) = body {
             req = req.json(&body);
         }
         let resp = req.send().await.unwrap();
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
@@ -93,7 +128,9 @@ impl TestDaemon {
     }
 
     pub async fn retrieve(&self, id: &str) -> Value {
-        let (status, body) = self.get(&format!("/api/jobs/retrieve?id={id}&includeUpdates=true")).await;
+        let (status, body) = self
+            .get(&format!("/api/jobs/retrieve?id={id}&includeUpdates=true"))
+            .await;
         assert_eq!(status, 200, "{body}");
         body
     }
@@ -106,7 +143,10 @@ impl TestDaemon {
             if job["status"]["state"] == state {
                 return job;
             }
-            assert!(tokio::time::Instant::now() < deadline, "job {id} never reached {state}: {job:#}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "job {id} never reached {state}: {job:#}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -131,4 +171,5 @@ pub fn vm_spec() -> Value {
     spec("debian-cloud", "12")
 }
 
-pub const SSH_KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl test@vmhost";
+pub const SSH_KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl test@vmhost";

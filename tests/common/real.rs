@@ -19,7 +19,9 @@ pub fn available(test: &str, images: &[&str]) -> bool {
             missing.push(format!("{IMAGE_DIR}/{image} (run images/build-images.sh)"));
         }
     }
-    if std::env::var_os("VMHOST_SKIP_REAL_VM").is_some() && std::env::var_os("VMHOST_REQUIRE_REAL_VM").is_none() {
+    if std::env::var_os("VMHOST_SKIP_REAL_VM").is_some()
+        && std::env::var_os("VMHOST_REQUIRE_REAL_VM").is_none()
+    {
         missing.push("VMHOST_SKIP_REAL_VM is set".to_owned());
     }
     if missing.is_empty() {
@@ -36,7 +38,10 @@ pub fn available(test: &str, images: &[&str]) -> bool {
 
 /// A data directory QEMU (running as its own user) can traverse.
 pub fn data_dir() -> tempfile::TempDir {
-    let dir = tempfile::Builder::new().prefix("vmhost-e2e-").tempdir_in("/var/tmp").unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("vmhost-e2e-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     dir
 }
@@ -59,7 +64,10 @@ pub fn domains_with_prefix(prefix: &str) -> Vec<String> {
 pub fn remove_leftovers(prefix: &str) {
     for name in domains_with_prefix(prefix) {
         let virsh = |args: &[&str]| {
-            let _ = std::process::Command::new("virsh").args(["-c", "qemu:///system"]).args(args).output();
+            let _ = std::process::Command::new("virsh")
+                .args(["-c", "qemu:///system"])
+                .args(args)
+                .output();
         };
         virsh(&["destroy", &name]);
         virsh(&["undefine", &name]);
@@ -71,7 +79,9 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_owned()];
     while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in entries.flatten() {
             let p = e.path();
             if p.is_dir() {
