@@ -50,6 +50,19 @@ pub struct Config {
     pub sync_interval_secs: u64,
     /// Largest accepted `replicas`.
     pub max_replicas: u32,
+    /// How long a suspend waits for the guest to power off after ACPI requests, in seconds,
+    /// before forcing it off.
+    pub suspend_grace_secs: u64,
+    /// Interval at which the ACPI power-button request is repeated during a suspend, in seconds.
+    pub suspend_retry_secs: u64,
+    /// Schedulable vCPUs per host CPU.
+    pub cpu_overcommit: f64,
+    /// Schedulable memory per byte of host memory (after `reserved_memory_mib`).
+    pub memory_overcommit: f64,
+    /// Schedulable overlay disk per byte of the data directory's filesystem.
+    pub disk_overcommit: f64,
+    /// Host memory never given to VMs, in MiB.
+    pub reserved_memory_mib: u64,
     pub users: Vec<UserConfig>,
     pub products: Vec<ProductConfig>,
 }
@@ -105,6 +118,12 @@ impl Default for Config {
             max_body_bytes: 1024 * 1024,
             sync_interval_secs: 10,
             max_replicas: 8,
+            suspend_grace_secs: 60,
+            suspend_retry_secs: 10,
+            cpu_overcommit: 4.0,
+            memory_overcommit: 1.0,
+            disk_overcommit: 1.0,
+            reserved_memory_mib: 1024,
             users: Vec::new(),
             products: default_products(),
         }
@@ -222,6 +241,20 @@ impl Config {
         }
         if self.max_replicas == 0 {
             return invalid("max_replicas must be at least 1".into());
+        }
+        let ratios = [
+            self.cpu_overcommit,
+            self.memory_overcommit,
+            self.disk_overcommit,
+        ];
+        if ratios
+            .iter()
+            .any(|r| !r.is_finite() || *r <= 0.0 || *r > 64.0)
+        {
+            return invalid("overcommit ratios must be greater than 0 and at most 64".into());
+        }
+        if self.suspend_retry_secs == 0 || self.suspend_grace_secs == 0 {
+            return invalid("suspend_grace_secs and suspend_retry_secs must be at least 1".into());
         }
         if self.sync_interval_secs == 0 {
             return invalid("sync_interval_secs must be at least 1".into());

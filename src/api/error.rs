@@ -62,6 +62,20 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// The same kind of error with another message (internal errors keep theirs).
+    fn with_why(self, why: String) -> ApiError {
+        match self {
+            ApiError::BadRequest(_) => ApiError::BadRequest(why),
+            ApiError::NotFound(_) => ApiError::NotFound(why),
+            ApiError::Conflict(_) => ApiError::Conflict(why),
+            ApiError::NotSupported(_) => ApiError::NotSupported(why),
+            ApiError::Busy(_) => ApiError::Busy(why),
+            ApiError::Unauthenticated | ApiError::Internal(_) => self,
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, body) = self.body();
@@ -89,6 +103,19 @@ impl From<JobError> for ApiError {
                 ApiError::BadRequest(e.to_string())
             }
             JobError::Busy => ApiError::Busy(e.to_string()),
+            JobError::Backend(err) => ApiError::Internal(err),
+            JobError::Bulk { errors } => {
+                // Every refused item is named in `why`; the first one decides the status.
+                let why = errors
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                match errors.into_iter().next().map(ApiError::from) {
+                    Some(first) => first.with_why(why),
+                    None => ApiError::BadRequest(why),
+                }
+            }
             JobError::Store(err) => ApiError::Internal(Box::new(err)),
         }
     }

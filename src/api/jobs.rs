@@ -84,6 +84,30 @@ pub(super) async fn jobs_terminate(
     }))
 }
 
+pub(super) async fn jobs_suspend(
+    State(state): State<AppState>,
+    AuthUser(owner): AuthUser,
+    AppJson(request): AppJson<BulkRequest<FindByStringId>>,
+) -> Result<Json<BulkResponse<Unit>>, ApiError> {
+    let ids: Vec<String> = request.items.into_iter().map(|i| i.id).collect();
+    state.manager.suspend(&owner, &ids).await?;
+    Ok(Json(BulkResponse {
+        responses: ids.iter().map(|_| Unit {}).collect(),
+    }))
+}
+
+pub(super) async fn jobs_unsuspend(
+    State(state): State<AppState>,
+    AuthUser(owner): AuthUser,
+    AppJson(request): AppJson<BulkRequest<FindByStringId>>,
+) -> Result<Json<BulkResponse<Unit>>, ApiError> {
+    let ids: Vec<String> = request.items.into_iter().map(|i| i.id).collect();
+    state.manager.unsuspend(&owner, &ids).await?;
+    Ok(Json(BulkResponse {
+        responses: ids.iter().map(|_| Unit {}).collect(),
+    }))
+}
+
 pub(super) async fn jobs_extend(
     State(state): State<AppState>,
     AuthUser(owner): AuthUser,

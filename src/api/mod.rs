@@ -64,8 +64,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/jobs/terminate", post(jobs::jobs_terminate))
         .route("/api/jobs/extend", post(jobs::jobs_extend))
         .route("/api/jobs/init", post(jobs::jobs_init))
-        .route("/api/jobs/suspend", post(jobs::jobs_not_supported))
-        .route("/api/jobs/unsuspend", post(jobs::jobs_not_supported))
+        .route("/api/jobs/suspend", post(jobs::jobs_suspend))
+        .route("/api/jobs/unsuspend", post(jobs::jobs_unsuspend))
         .route(
             "/api/jobs/interactiveSession",
             post(jobs::jobs_not_supported),

@@ -11,6 +11,7 @@ use super::extract::AuthUser;
 use super::types::{compute_support, product, VmFeatures};
 use super::AppState;
 use crate::config::ProductConfig;
+use crate::jobs::capacity::Resources;
 
 pub(super) async fn jobs_retrieve_products(
     State(state): State<AppState>,
@@ -29,11 +30,15 @@ pub(super) async fn jobs_retrieve_products(
 }
 
 /// The product's `ComputeSupport`: enabled only while the hypervisor answers and the machine
-/// fits on this host.
+/// fits on this host at all.
 pub(super) async fn support_for(state: &AppState, p: &ProductConfig) -> Value {
-    let host = state.manager.backend().host_info().await.ok();
-    let fits = host.is_some_and(|h| {
-        p.cpu <= h.cpus && u64::from(p.memory_in_gigs) * 1024 <= h.memory_mib && p.gpu == 0
+    let fits = state.manager.schedulable().await.is_some_and(|total| {
+        let needs = Resources {
+            vcpus: u64::from(p.cpu),
+            memory_mib: u64::from(p.memory_in_gigs) * 1024,
+            disk_gib: u64::from(p.disk_gib),
+        };
+        needs.fits_in(total) && p.gpu == 0
     });
     let features = VmFeatures {
         enabled: fits,
@@ -41,7 +46,7 @@ pub(super) async fn support_for(state: &AppState, p: &ProductConfig) -> Value {
         vnc: false,
         terminal: false,
         time_extension: true,
-        suspension: false,
+        suspension: true,
         utilization: true,
     };
     compute_support(p, &state.manager.config().provider_id, features)
@@ -51,17 +56,18 @@ pub(super) async fn jobs_retrieve_utilization(
     State(state): State<AppState>,
     AuthUser(_): AuthUser,
 ) -> Result<Json<Value>, ApiError> {
-    let host = state
+    let u = state
         .manager
-        .backend()
-        .host_info()
-        .await
-        .map_err(|e| ApiError::Busy(format!("the hypervisor is unavailable: {e}")))?;
-    let usage = state.manager.usage().await?;
-    let gib = 1024 * 1024 * 1024_u64;
+        .utilization()
+        .await?
+        .ok_or_else(|| ApiError::Busy("the hypervisor is unavailable; retry shortly".into()))?;
+    let mib = 1024 * 1024_u64;
+    // vCPU counts are small integers; f64 holds them exactly.
+    #[allow(clippy::cast_precision_loss)]
+    let cpu = |r: &Resources| r.vcpus as f64;
     Ok(Json(json!({
-        "capacity": { "cpu": f64::from(host.cpus), "memory": host.memory_mib * 1024 * 1024 },
-        "usedCapacity": { "cpu": f64::from(usage.cpu), "memory": usage.memory_gib * gib },
-        "queueStatus": { "running": usage.running, "pending": usage.pending },
+        "capacity": { "cpu": cpu(&u.capacity), "memory": u.capacity.memory_mib * mib },
+        "usedCapacity": { "cpu": cpu(&u.used), "memory": u.used.memory_mib * mib },
+        "queueStatus": { "running": u.running, "pending": u.pending },
     })))
 }

@@ -40,6 +40,8 @@ struct Failures {
     start: Vec<String>,
     /// Every call fails as if the hypervisor were unreachable.
     unavailable: bool,
+    /// Guests whose names contain one of these ignore the ACPI power button.
+    ignore_acpi: Vec<String>,
 }
 
 impl Default for FakeBackend {
@@ -93,6 +95,11 @@ impl FakeBackend {
 
     pub fn fail_start_of(&self, name_part: &str) {
         self.failures().start.push(name_part.to_owned());
+    }
+
+    /// Guests matching `name_part` ignore ACPI shutdown requests (like a hung OS).
+    pub fn ignore_acpi_of(&self, name_part: &str) {
+        self.failures().ignore_acpi.push(name_part.to_owned());
     }
 
     pub fn set_unavailable(&self, unavailable: bool) {
@@ -181,13 +188,26 @@ impl VmBackend for FakeBackend {
         Ok(())
     }
 
+    /// Guests honour the power button at once (unless told to ignore it).
     async fn shutdown(&self, name: &str) -> Result<(), BackendError> {
         self.check_available()?;
+        let ignores = self
+            .failures()
+            .ignore_acpi
+            .iter()
+            .any(|p| name.contains(p.as_str()));
         let mut domains = self.domains();
         let d = domains.get_mut(name).ok_or(BackendError::NoSuchDomain {
             name: name.to_owned(),
         })?;
         d.shutdown_requests += 1;
+        if !ignores && d.state == PowerState::Running {
+            d.state = PowerState::ShutOff;
+            let _ = self.events.send(VmEvent::Stopped {
+                name: name.to_owned(),
+                cause: StopCause::GuestShutdown,
+            });
+        }
         Ok(())
     }
 

@@ -1,14 +1,15 @@
 //! [`JobManager`]: validates requests, writes the store, and routes work to job runners.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{broadcast, mpsc};
 
+use super::capacity::Resources;
 use super::runner::{self, RunnerMsg};
 use super::spec::{self, SimpleDuration};
 use super::state::{self, JobEvent};
-use super::{messages, now_millis, JobError, JobRecord, JobSpec, JobUpdate, VmNaming};
+use super::{messages, now_millis, JobError, JobRecord, JobSpec, JobUpdate, SpecError, VmNaming};
 use crate::backend::{Accel, VmBackend};
 use crate::cloud_init::SeedTemplates;
 use crate::config::Config;
@@ -26,13 +27,13 @@ pub struct JobChange {
     pub update: JobUpdate,
 }
 
-/// Resources held by running jobs and the queue length.
+/// The host's schedulable capacity, what running jobs use of it, and the queue.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Usage {
+pub struct Utilization {
+    pub capacity: Resources,
+    pub used: Resources,
     pub running: u32,
     pub pending: u32,
-    pub cpu: u32,
-    pub memory_gib: u64,
 }
 
 /// Everything the manager and its runners need.
@@ -47,15 +48,27 @@ pub struct JobManagerDeps {
     pub naming: VmNaming,
 }
 
+/// A live runner: its queue, and its task for [`JobManager::halt`].
+struct RunnerHandle {
+    tx: mpsc::Sender<RunnerMsg>,
+    task: tokio::task::AbortHandle,
+}
+
 /// Runner queues are small: a runner that falls behind sheds load as `JobError::Busy`.
 const RUNNER_QUEUE: usize = 16;
 
 pub(super) struct Inner {
     pub(super) deps: JobManagerDeps,
     /// Sender side of each live runner's queue; the runner removes its entry when it ends.
-    runners: Mutex<HashMap<String, mpsc::Sender<RunnerMsg>>>,
+    runners: Mutex<HashMap<String, RunnerHandle>>,
+    /// Background tasks besides the runners (the event router), for [`JobManager::halt`].
+    tasks: Mutex<Vec<tokio::task::AbortHandle>>,
     /// Every appended update; `follow` subscribes. Lagging receivers re-read the store.
     changes: broadcast::Sender<JobChange>,
+    /// Queued jobs the scheduler let through, until their VMs run (or fail to start).
+    pub(super) admitted: Mutex<HashSet<String>>,
+    /// Serialises scheduling rounds so two rounds never admit into the same free room.
+    pub(super) scheduling: tokio::sync::Mutex<()>,
 }
 
 /// Cheap-to-clone handle; see the module docs of [`crate::jobs`].
@@ -100,6 +113,43 @@ impl Inner {
             .unwrap_or_else(|p| p.into_inner())
             .remove(job_id);
     }
+
+    pub(super) fn ensure_runner(self: &Arc<Self>, id: &str) -> mpsc::Sender<RunnerMsg> {
+        let mut runners = self.runners.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(runner) = runners.get(id).filter(|r| !r.tx.is_closed()) {
+            return runner.tx.clone();
+        }
+        let (tx, rx) = mpsc::channel(RUNNER_QUEUE);
+        let task = tokio::spawn(runner::run(self.clone(), id.to_owned(), rx)).abort_handle();
+        runners.insert(
+            id.to_owned(),
+            RunnerHandle {
+                tx: tx.clone(),
+                task,
+            },
+        );
+        tx
+    }
+
+    /// Makes the job's runner re-read the store, starting one if the job has none.
+    pub(super) fn wake(self: &Arc<Self>, id: &str) {
+        self.send(id, RunnerMsg::Wake);
+    }
+
+    /// Informs a job's runner. A full queue is fine to drop: the runner re-reads the store
+    /// after every message, so the newest state is seen anyway. Events for jobs without a
+    /// runner (final jobs) are dropped.
+    pub(super) fn send(self: &Arc<Self>, id: &str, msg: RunnerMsg) {
+        let is_active = self
+            .runners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(id);
+        if !is_active && !matches!(msg, RunnerMsg::Wake) {
+            return;
+        }
+        let _ = self.ensure_runner(id).try_send(msg);
+    }
 }
 
 impl JobManager {
@@ -109,7 +159,10 @@ impl JobManager {
             inner: Arc::new(Inner {
                 deps,
                 runners: Mutex::new(HashMap::new()),
+                tasks: Mutex::new(Vec::new()),
                 changes,
+                admitted: Mutex::new(HashSet::new()),
+                scheduling: tokio::sync::Mutex::new(()),
             }),
         }
     }
@@ -157,9 +210,18 @@ impl JobManager {
         }
         let mut new_jobs = Vec::with_capacity(specs.len());
         let created_at = now_millis();
+        let host_total = self.schedulable().await;
         for (index, spec) in specs.into_iter().enumerate() {
             spec::validate(&spec, &deps.config, &deps.catalog)
                 .map_err(|source| JobError::InvalidSpec { index, source })?;
+            let demand = super::scheduler::demand(&deps.config, &deps.catalog, &spec);
+            if host_total.is_some_and(|total| !demand.fits_in(total)) {
+                let why = format!("the job needs {demand}, more than this host can ever offer");
+                return Err(JobError::InvalidSpec {
+                    index,
+                    source: SpecError::Invalid(why),
+                });
+            }
             let fingerprint = spec.fingerprint();
             if !spec.allow_duplicate_job.unwrap_or(false) {
                 let in_request = new_jobs
@@ -201,7 +263,7 @@ impl JobManager {
                 job_id: id.clone(),
                 update,
             });
-            self.ensure_runner(id);
+            self.inner.ensure_runner(id);
         }
         Ok(ids)
     }
@@ -238,9 +300,73 @@ impl JobManager {
         for id in ids {
             self.inner.deps.store.set_terminate_requested(id).await?;
             tracing::info!(job_id = %id, "terminate requested");
-            self.send(id, RunnerMsg::Wake);
+            self.inner.wake(id);
         }
         Ok(())
+    }
+
+    /// Powers running jobs off, keeping their disks. Every item must be the owner's and
+    /// RUNNING; otherwise every refused item is reported and nothing changes.
+    pub async fn suspend(&self, owner: &Owner, ids: &[String]) -> Result<(), JobError> {
+        self.check_each(owner, ids, JobEvent::SuspendRequested)
+            .await?;
+        for id in ids {
+            self.inner.deps.store.set_suspend_requested(id).await?;
+            tracing::info!(job_id = %id, "suspend requested");
+            self.inner.wake(id);
+        }
+        Ok(())
+    }
+
+    /// Boots suspended jobs again from their kept disks: they queue, then run.
+    pub async fn unsuspend(&self, owner: &Owner, ids: &[String]) -> Result<(), JobError> {
+        self.check_each(owner, ids, JobEvent::UnsuspendRequested)
+            .await?;
+        for id in ids {
+            self.inner
+                .record(id, Some(state::JobState::InQueue), messages::QUEUED)
+                .await?;
+            tracing::info!(job_id = %id, "unsuspend requested");
+            self.inner.wake(id);
+        }
+        Ok(())
+    }
+
+    /// Checks that `event` may happen to every listed job now; collects every refusal.
+    async fn check_each(
+        &self,
+        owner: &Owner,
+        ids: &[String],
+        event: JobEvent,
+    ) -> Result<(), JobError> {
+        let mut errors = Vec::new();
+        for id in ids {
+            let refused = match self.retrieve(owner, id).await {
+                Err(e) => Some(e),
+                Ok(job) if job.terminate_requested => Some(JobError::Denied {
+                    id: id.clone(),
+                    denied: state::Denied::AlreadyFinal,
+                }),
+                Ok(job) if job.suspend_requested => Some(JobError::Denied {
+                    id: id.clone(),
+                    denied: state::Denied::NotRunning,
+                }),
+                Ok(job) => {
+                    state::transition(job.state, event)
+                        .err()
+                        .map(|denied| JobError::Denied {
+                            id: id.clone(),
+                            denied,
+                        })
+                }
+            };
+            errors.extend(refused);
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(JobError::Bulk { errors })
+        }
     }
 
     /// Adds time to each job's deadline; all must have one and be active.
@@ -274,36 +400,42 @@ impl JobManager {
                 describe_duration(by)
             );
             self.inner.record(&job.id, None, &status).await?;
-            self.send(&job.id, RunnerMsg::Wake);
+            self.inner.wake(&job.id);
         }
         Ok(())
     }
 
-    /// What running jobs use on this host, and how many wait.
-    pub async fn usage(&self) -> Result<Usage, JobError> {
+    /// What this host offers jobs, what running jobs use, and how many wait; `None` while the
+    /// hypervisor cannot be reached.
+    pub async fn utilization(&self) -> Result<Option<Utilization>, JobError> {
+        let Some(host) = self.inner.host_capacity().await else {
+            return Ok(None);
+        };
         let query = JobQuery {
             active_only: true,
             ..JobQuery::default()
         };
-        let mut usage = Usage::default();
+        let mut utilization = Utilization {
+            capacity: host.schedulable(),
+            ..Utilization::default()
+        };
         for job in self.inner.deps.store.jobs(query).await? {
             match job.state {
                 state::JobState::Running => {
-                    usage.running += 1;
-                    if let Some(p) = self
-                        .config()
-                        .product(&job.spec.product.id, &job.spec.product.category)
-                    {
-                        usage.cpu += p.cpu * job.spec.replicas();
-                        usage.memory_gib +=
-                            u64::from(p.memory_in_gigs) * u64::from(job.spec.replicas());
-                    }
+                    utilization.running += 1;
+                    let demand = super::scheduler::demand(self.config(), self.catalog(), &job.spec);
+                    utilization.used = utilization.used.plus(demand);
                 }
-                state::JobState::InQueue => usage.pending += 1,
+                state::JobState::InQueue => utilization.pending += 1,
                 _ => {}
             }
         }
-        Ok(usage)
+        Ok(Some(utilization))
+    }
+
+    /// The schedulable total of this host, for product support flags.
+    pub async fn schedulable(&self) -> Option<Resources> {
+        self.inner.host_capacity().await.map(|h| h.schedulable())
     }
 
     /// Console log files of a job's VMs, by rank.
@@ -311,27 +443,47 @@ impl JobManager {
         Ok(self.inner.deps.store.vms(id).await?)
     }
 
+    /// Stops every runner and background task at once, as a crash would: nothing is cleaned
+    /// up and the VMs are untouched. Lets tests simulate `kill -9` inside one process.
+    pub fn halt(&self) {
+        let runners =
+            std::mem::take(&mut *self.inner.runners.lock().unwrap_or_else(|p| p.into_inner()));
+        for runner in runners.values() {
+            runner.task.abort();
+        }
+        for task in self
+            .inner
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            task.abort();
+        }
+    }
+
     /// Starts a runner for every active job (used once at startup, after reconciliation).
     pub async fn resume_active_jobs(&self) -> Result<usize, JobError> {
         let ids = self.inner.deps.store.active_job_ids().await?;
         for id in &ids {
-            self.ensure_runner(id);
+            self.inner.ensure_runner(id);
         }
+        self.inner.reschedule().await?;
         Ok(ids.len())
     }
 
     /// Forwards hypervisor events to the runner of the job that owns the domain.
-    pub fn spawn_event_router(&self) -> tokio::task::JoinHandle<()> {
+    pub fn spawn_event_router(&self) {
         let mut events = self.inner.deps.backend.subscribe();
         let manager = self.clone();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             loop {
                 match events.recv().await {
                     Ok(event) => {
                         if let Some((job_id, _)) =
                             manager.inner.deps.naming.parse_domain(event.name())
                         {
-                            manager.send(&job_id, RunnerMsg::Vm(event));
+                            manager.inner.send(&job_id, RunnerMsg::Vm(event));
                         }
                     }
                     // Lost events are covered by every runner's periodic sync.
@@ -344,33 +496,12 @@ impl JobManager {
                     Err(broadcast::error::RecvError::Closed) => break,
                 }
             }
-        })
-    }
-
-    fn ensure_runner(&self, id: &str) -> mpsc::Sender<RunnerMsg> {
-        let mut runners = self.inner.runners.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(tx) = runners.get(id).filter(|tx| !tx.is_closed()) {
-            return tx.clone();
-        }
-        let (tx, rx) = mpsc::channel(RUNNER_QUEUE);
-        runners.insert(id.to_owned(), tx.clone());
-        tokio::spawn(runner::run(self.inner.clone(), id.to_owned(), rx));
-        tx
-    }
-
-    /// Wakes or informs a job's runner. A full queue is fine to drop: the runner re-reads the
-    /// store after every message, so the newest state is seen anyway.
-    fn send(&self, id: &str, msg: RunnerMsg) {
-        let is_active = self
-            .inner
-            .runners
+        });
+        self.inner
+            .tasks
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .contains_key(id);
-        if !is_active && !matches!(msg, RunnerMsg::Wake) {
-            return;
-        }
-        let _ = self.ensure_runner(id).try_send(msg);
+            .push(task.abort_handle());
     }
 }
 

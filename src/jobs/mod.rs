@@ -8,17 +8,19 @@
 //! Ordering rule: the store is written *before* the reply, and before the host is touched, so
 //! a crash at any point is repaired by [`reconcile`] on the next start.
 
+pub mod capacity;
 pub mod console;
 mod manager;
 mod naming;
 pub mod reconcile;
 mod runner;
+mod scheduler;
 pub mod spec;
 pub mod state;
 
 use serde::{Deserialize, Serialize};
 
-pub use manager::{JobChange, JobManager, JobManagerDeps, Owner, Usage};
+pub use manager::{JobChange, JobManager, JobManagerDeps, Owner, Utilization};
 pub use naming::VmNaming;
 pub use spec::{JobSpec, LaunchPlan, SpecError};
 pub use state::{JobState, StopKind};
@@ -45,6 +47,8 @@ pub struct JobRecord {
     pub terminate_requested: bool,
     /// The time allocation including extensions, in milliseconds.
     pub allocation_ms: Option<i64>,
+    /// A suspend was asked for and has not completed yet.
+    pub suspend_requested: bool,
     pub updates: Vec<JobUpdate>,
 }
 
@@ -61,6 +65,8 @@ pub mod messages {
     pub const VANISHED: &str =
         "The virtual machine disappeared from the hypervisor; vmhost cleaned up its files";
     pub const EXPIRED: &str = "Your job has expired: its time allocation ran out";
+    pub const RESTARTED_ON_EXIT: &str =
+        "The virtual machine powered itself off and was started again (restartOnExit)";
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +89,11 @@ pub enum JobError {
     BadRequest(String),
     #[error("the job runner is busy; retry shortly")]
     Busy,
+    #[error("the hypervisor refused")]
+    Backend(#[source] Box<crate::backend::BackendError>),
+    /// Several items of a bulk request were refused; nothing was changed.
+    #[error("{}", .errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Bulk { errors: Vec<JobError> },
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
 }

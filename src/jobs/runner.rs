@@ -56,7 +56,10 @@ pub(super) async fn run(ctx: Arc<Inner>, job_id: String, mut rx: mpsc::Receiver<
                 teardown(&ctx, &job, JobEvent::Terminated).await
             } else {
                 match job.state {
-                    JobState::InQueue => provision(&ctx, &job).await,
+                    JobState::InQueue if ctx.is_admitted(&job.id) => provision(&ctx, &job).await,
+                    JobState::Running if job.suspend_requested => {
+                        suspend(&ctx, &job, &mut rx).await
+                    }
                     JobState::Running => watch_running(&ctx, &job, &mut rx).await,
                     _ => wait_for_change(&ctx, &job, &mut rx).await,
                 }
@@ -72,7 +75,15 @@ pub(super) async fn run(ctx: Arc<Inner>, job_id: String, mut rx: mpsc::Receiver<
     .await;
 }
 
-async fn provision(ctx: &Inner, job: &JobRecord) -> Result<(), JobError> {
+/// Prepares and boots every replica of an admitted job.
+async fn provision(ctx: &Arc<Inner>, job: &JobRecord) -> Result<(), JobError> {
+    let outcome = provision_replicas(ctx, job).await;
+    ctx.release_admission(&job.id);
+    ctx.reschedule().await?;
+    outcome
+}
+
+async fn provision_replicas(ctx: &Inner, job: &JobRecord) -> Result<(), JobError> {
     let deps = &ctx.deps;
     let plan = match spec::validate(&job.spec, &deps.config, &deps.catalog) {
         Ok(plan) => plan,
@@ -214,17 +225,14 @@ fn vm_spec(
 /// Watches a running job until something needs the main loop: an event that changes its
 /// state, a message, its deadline.
 async fn watch_running(
-    ctx: &Inner,
+    ctx: &Arc<Inner>,
     job: &JobRecord,
     rx: &mut mpsc::Receiver<RunnerMsg>,
 ) -> Result<(), JobError> {
     let sync_every = Duration::from_secs(ctx.deps.config.sync_interval_secs);
     // The first tick is immediate: a job re-adopted after a restart is checked at once.
     let mut sync = tokio::time::interval(sync_every);
-    let deadline = job.expires_at.map(|at| {
-        let left = u64::try_from(at - now_millis()).unwrap_or(0);
-        tokio::time::Instant::now() + Duration::from_millis(left)
-    });
+    let deadline = deadline(job);
     loop {
         tokio::select! {
             // A deadline that passed wins over queued messages: expiry is not negotiable.
@@ -247,6 +255,14 @@ async fn watch_running(
             }
         }
     }
+}
+
+/// When the job's time allocation runs out, as a timer instant.
+fn deadline(job: &JobRecord) -> Option<tokio::time::Instant> {
+    job.expires_at.map(|at| {
+        let left = u64::try_from(at - now_millis()).unwrap_or(0);
+        tokio::time::Instant::now() + Duration::from_millis(left)
+    })
 }
 
 async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
@@ -286,10 +302,21 @@ async fn sync_power_state(ctx: &Inner, job: &JobRecord) -> Result<Option<JobEven
     Ok(None)
 }
 
-async fn on_vm_event(ctx: &Inner, job: &JobRecord, event: JobEvent) -> Result<(), JobError> {
+async fn on_vm_event(ctx: &Arc<Inner>, job: &JobRecord, event: JobEvent) -> Result<(), JobError> {
     let Ok(next) = state::transition(job.state, event) else {
         return Ok(());
     };
+    if event == JobEvent::Stopped(StopKind::FromInside) && job.spec.restart_on_exit == Some(true) {
+        for vm in ctx.deps.store.vms(&job.id).await? {
+            ctx.deps
+                .backend
+                .start(&vm.domain)
+                .await
+                .map_err(|e| JobError::Backend(Box::new(e)))?;
+        }
+        tracing::info!("guest powered off; started again as restartOnExit asks");
+        return ctx.record(&job.id, None, messages::RESTARTED_ON_EXIT).await;
+    }
     let message = match event {
         JobEvent::Stopped(StopKind::FromInside) => messages::POWERED_OFF_INSIDE,
         JobEvent::Stopped(StopKind::FromHost) => messages::POWERED_OFF_HOST,
@@ -313,17 +340,26 @@ async fn on_vm_event(ctx: &Inner, job: &JobRecord, event: JobEvent) -> Result<()
         next = next.as_str(),
         "VM state changed outside vmhost"
     );
-    ctx.record(&job.id, Some(next), message).await
+    ctx.record(&job.id, Some(next), message).await?;
+    ctx.reschedule().await
 }
 
-/// A job that is neither starting nor running waits for a message or a sync tick.
+/// A queued or suspended job waits for a message, its deadline or a sync tick. A queued job
+/// first asks the scheduler; being admitted wakes it.
 async fn wait_for_change(
-    ctx: &Inner,
+    ctx: &Arc<Inner>,
     job: &JobRecord,
     rx: &mut mpsc::Receiver<RunnerMsg>,
 ) -> Result<(), JobError> {
+    if job.state == JobState::InQueue {
+        ctx.reschedule().await?;
+    }
     let sync_every = Duration::from_secs(ctx.deps.config.sync_interval_secs);
     tokio::select! {
+        biased;
+        () = sleep_until_opt(deadline(job)) => {
+            return teardown(ctx, job, JobEvent::Expired).await;
+        }
         msg = rx.recv() => {
             if msg.is_none() {
                 // Every sender is gone: the manager is shutting down.
@@ -343,8 +379,92 @@ async fn wait_for_change(
     Ok(())
 }
 
+/// Powers a running job off: ACPI power-button requests, re-sent every `suspend_retry_secs`,
+/// then a hard power-off once `suspend_grace_secs` have passed. The disks, the seed and the
+/// console logs stay. A terminate requested meanwhile wins: the suspend is abandoned and the
+/// main loop tears the job down.
+async fn suspend(
+    ctx: &Arc<Inner>,
+    job: &JobRecord,
+    rx: &mut mpsc::Receiver<RunnerMsg>,
+) -> Result<(), JobError> {
+    let config = &ctx.deps.config;
+    let retry = Duration::from_secs(config.suspend_retry_secs);
+    let started = tokio::time::Instant::now();
+    let deadline = started + Duration::from_secs(config.suspend_grace_secs);
+    let vms = ctx.deps.store.vms(&job.id).await?;
+    let graceful = 'suspend: loop {
+        if request_power_off(ctx, &vms).await {
+            break 'suspend true;
+        }
+        let next_request = (tokio::time::Instant::now() + retry).min(deadline);
+        loop {
+            tokio::select! {
+                biased;
+                () = tokio::time::sleep_until(deadline) => break 'suspend false,
+                msg = rx.recv() => match msg {
+                    // A replica stopped: see whether all have.
+                    Some(RunnerMsg::Vm(VmEvent::Stopped { .. })) => break,
+                    Some(RunnerMsg::Vm(_)) => {}
+                    Some(RunnerMsg::Wake) | None => {
+                        let terminating = ctx.deps.store.job(&job.id).await?.is_none_or(|j| j.terminate_requested);
+                        if terminating {
+                            tracing::info!("terminate requested during suspend; it wins");
+                            return Ok(());
+                        }
+                    }
+                },
+                () = tokio::time::sleep_until(next_request) => break,
+            }
+        }
+    };
+    if !graceful {
+        for vm in &vms {
+            ctx.deps
+                .backend
+                .destroy(&vm.domain)
+                .await
+                .map_err(|e| JobError::Backend(Box::new(e)))?;
+        }
+    }
+    let took = started.elapsed().as_secs();
+    let message = if graceful {
+        format!("The virtual machine was shut down gracefully after {took} s; its disk is kept")
+    } else {
+        format!(
+            "The virtual machine did not shut down within {} s of graceful shutdown requests and was forced off; its disk is kept",
+            config.suspend_grace_secs
+        )
+    };
+    tracing::info!(graceful, took_secs = took, "job suspended");
+    ctx.record(&job.id, Some(JobState::Suspended), &message)
+        .await?;
+    ctx.reschedule().await
+}
+
+/// Presses the ACPI power button of every replica still running; true once none runs.
+async fn request_power_off(ctx: &Inner, vms: &[VmRecord]) -> bool {
+    let mut all_off = true;
+    for vm in vms {
+        match ctx.deps.backend.state(&vm.domain).await {
+            Ok(None | Some(PowerState::ShutOff | PowerState::Crashed)) => {}
+            Ok(Some(_)) => {
+                all_off = false;
+                if let Err(e) = ctx.deps.backend.shutdown(&vm.domain).await {
+                    tracing::warn!(domain = %vm.domain, error = %error_chain(&e), "ACPI shutdown request failed");
+                }
+            }
+            Err(e) => {
+                all_off = false;
+                tracing::warn!(domain = %vm.domain, error = %error_chain(&e), "cannot read power state");
+            }
+        }
+    }
+    all_off
+}
+
 /// Removes every VM of the job and records the final state.
-async fn teardown(ctx: &Inner, job: &JobRecord, event: JobEvent) -> Result<(), JobError> {
+async fn teardown(ctx: &Arc<Inner>, job: &JobRecord, event: JobEvent) -> Result<(), JobError> {
     let next = state::transition(job.state, event).map_err(|denied| JobError::Denied {
         id: job.id.clone(),
         denied,
@@ -356,7 +476,8 @@ async fn teardown(ctx: &Inner, job: &JobRecord, event: JobEvent) -> Result<(), J
         messages::CANCELLED
     };
     tracing::info!(state = next.as_str(), "job torn down");
-    ctx.record(&job.id, Some(next), message).await
+    ctx.record(&job.id, Some(next), message).await?;
+    ctx.reschedule().await
 }
 
 /// Removes every VM the store says the job owns; a VM record goes only after its VM is gone.

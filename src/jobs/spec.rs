@@ -176,9 +176,6 @@ pub fn validate(
     if spec.opened_file.is_some() {
         return invalid("openedFile is not supported for virtual machines");
     }
-    if spec.restart_on_exit == Some(true) {
-        return invalid("restartOnExit is not supported for virtual machines yet");
-    }
     let time_allocation_ms = spec.time_allocation.map(SimpleDuration::as_millis);
     if time_allocation_ms == Some(0) {
         return invalid("timeAllocation must be longer than zero");

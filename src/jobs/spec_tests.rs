@@ -86,10 +86,6 @@ fn product_application_and_limits_are_enforced() {
             "openedFile",
         ),
         (
-            Box::new(|s: &mut JobSpec| s.restart_on_exit = Some(true)),
-            "restartOnExit",
-        ),
-        (
             Box::new(|s: &mut JobSpec| {
                 s.time_allocation = Some(SimpleDuration {
                     hours: 0,

@@ -114,6 +114,13 @@ impl Store {
             .await
     }
 
+    /// Records that a suspend was requested; the next state update clears it.
+    pub async fn set_suspend_requested(&self, id: &str) -> Result<(), StoreError> {
+        let id = id.to_owned();
+        self.with(move |c| queries::set_suspend_requested(c, &id))
+            .await
+    }
+
     /// Records that a terminate was requested, so a restart finishes it.
     pub async fn set_terminate_requested(&self, id: &str) -> Result<(), StoreError> {
         let id = id.to_owned();

@@ -54,6 +54,8 @@ pub struct JobQuery {
     pub fingerprint: Option<String>,
     /// Only jobs that are not final.
     pub active_only: bool,
+    /// Oldest first (the queue order) instead of newest first.
+    pub oldest_first: bool,
 }
 
 const FINAL_STATES: &str = "('SUCCESS','FAILURE','EXPIRED')";
@@ -130,8 +132,9 @@ pub(super) fn append_update(c: &mut Connection, id: &str, u: &JobUpdate) -> Resu
     let tx = c.transaction()?;
     insert_update(&tx, id, u)?;
     if let Some(state) = u.state {
+        // A new state completes (or supersedes) any suspend that was asked for.
         tx.execute(
-            "UPDATE jobs SET state = ?2 WHERE id = ?1",
+            "UPDATE jobs SET state = ?2, suspend_requested = 0 WHERE id = ?1",
             params![id, state.as_str()],
         )?;
         if state == JobState::Running {
@@ -151,6 +154,11 @@ pub(super) fn append_update(c: &mut Connection, id: &str, u: &JobUpdate) -> Resu
     Ok(())
 }
 
+pub(super) fn set_suspend_requested(c: &mut Connection, id: &str) -> Result<(), StoreError> {
+    c.execute("UPDATE jobs SET suspend_requested = 1 WHERE id = ?1", [id])?;
+    Ok(())
+}
+
 pub(super) fn set_terminate_requested(c: &mut Connection, id: &str) -> Result<(), StoreError> {
     c.execute(
         "UPDATE jobs SET terminate_requested = 1 WHERE id = ?1",
@@ -159,37 +167,40 @@ pub(super) fn set_terminate_requested(c: &mut Connection, id: &str) -> Result<()
     Ok(())
 }
 
-const JOB_COLUMNS: &str =
-    "id, owner, state, spec, created_at, started_at, expires_at, terminate_requested, allocation_ms";
+const JOB_COLUMNS: &str = "id, owner, state, spec, created_at, started_at, expires_at,
+     terminate_requested, allocation_ms, suspend_requested";
 
-type JobRow = (
-    i64,
-    String,
-    String,
-    String,
-    i64,
-    Option<i64>,
-    Option<i64>,
-    bool,
-    Option<i64>,
-);
+/// A `jobs` row before its JSON and state are decoded.
+struct JobRow {
+    id: i64,
+    owner: String,
+    state: String,
+    spec: String,
+    created_at: i64,
+    started_at: Option<i64>,
+    expires_at: Option<i64>,
+    terminate_requested: bool,
+    allocation_ms: Option<i64>,
+    suspend_requested: bool,
+}
 
 fn job_from_row(row: &Row<'_>) -> rusqlite::Result<JobRow> {
-    Ok((
-        row.get(0)?,
-        row.get(1)?,
-        row.get(2)?,
-        row.get(3)?,
-        row.get(4)?,
-        row.get(5)?,
-        row.get(6)?,
-        row.get(7)?,
-        row.get(8)?,
-    ))
+    Ok(JobRow {
+        id: row.get(0)?,
+        owner: row.get(1)?,
+        state: row.get(2)?,
+        spec: row.get(3)?,
+        created_at: row.get(4)?,
+        started_at: row.get(5)?,
+        expires_at: row.get(6)?,
+        terminate_requested: row.get(7)?,
+        allocation_ms: row.get(8)?,
+        suspend_requested: row.get(9)?,
+    })
 }
 
 fn hydrate(c: &Connection, row: JobRow) -> Result<JobRecord, StoreError> {
-    let (
+    let JobRow {
         id,
         owner,
         state,
@@ -199,7 +210,8 @@ fn hydrate(c: &Connection, row: JobRow) -> Result<JobRecord, StoreError> {
         expires_at,
         terminate_requested,
         allocation_ms,
-    ) = row;
+        suspend_requested,
+    } = row;
     let id = id.to_string();
     let corrupt = |why: String| StoreError::Corrupt {
         id: id.clone(),
@@ -237,6 +249,7 @@ fn hydrate(c: &Connection, row: JobRow) -> Result<JobRecord, StoreError> {
         expires_at,
         terminate_requested,
         allocation_ms,
+        suspend_requested,
         updates,
     })
 }
@@ -325,7 +338,11 @@ pub(super) fn jobs(c: &mut Connection, q: &JobQuery) -> Result<Vec<JobRecord>, S
     if q.active_only {
         sql.push_str(&format!(" AND state NOT IN {FINAL_STATES}"));
     }
-    sql.push_str(" ORDER BY id DESC");
+    sql.push_str(if q.oldest_first {
+        " ORDER BY id ASC"
+    } else {
+        " ORDER BY id DESC"
+    });
     if let Some(limit) = q.limit {
         sql.push_str(&format!(" LIMIT {limit}"));
     }

@@ -53,6 +53,10 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (job_id, rank)
     );
     "#,
+    // 2: a suspend in progress survives a restart.
+    r#"
+    ALTER TABLE jobs ADD COLUMN suspend_requested INTEGER NOT NULL DEFAULT 0;
+    "#,
 ];
 
 pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {

@@ -18,6 +18,7 @@ pub struct TestDaemon {
     pub config: Config,
     pub client: reqwest::Client,
     server: tokio::task::JoinHandle<()>,
+    manager: vmhost::jobs::JobManager,
 }
 
 pub fn config(dir: &std::path::Path) -> Config {
@@ -39,6 +40,8 @@ pub fn config(dir: &std::path::Path) -> Config {
         backend: BackendKind::Fake,
         domain_prefix: "vmhost-test".into(),
         sync_interval_secs: 1,
+        suspend_grace_secs: 2,
+        suspend_retry_secs: 1,
         users: vec![
             UserConfig {
                 name: "alice".into(),
@@ -70,6 +73,7 @@ impl TestDaemon {
         let daemon = vmhost::server::build_with(config.clone(), backend, accel)
             .await
             .unwrap();
+        let manager = daemon.state.manager.clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let server = tokio::spawn(async move {
@@ -81,12 +85,14 @@ impl TestDaemon {
             config,
             client: reqwest::Client::new(),
             server,
+            manager,
         }
     }
 
-    /// Stops serving, as a killed process would: nothing is cleaned up.
+    /// Stops serving and every job runner, as a killed process would: nothing is cleaned up.
     pub fn kill(self) {
         self.server.abort();
+        self.manager.halt();
     }
 
     pub async fn call(
