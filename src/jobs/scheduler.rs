@@ -133,7 +133,7 @@ pub(super) fn demand(
 fn filesystem_gib(dir: &Path) -> u64 {
     match nix::sys::statvfs::statvfs(dir) {
         Ok(fs) => {
-            let bytes = u64::from(fs.blocks()).saturating_mul(fs.fragment_size());
+            let bytes = fs.blocks().saturating_mul(fs.fragment_size());
             bytes / (1024 * 1024 * 1024)
         }
         Err(e) => {
