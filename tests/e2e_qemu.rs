@@ -286,3 +286,138 @@ async fn kill_9_mid_operation_loses_nothing() {
     let left = real::files_under(&dir.path().join("vms"));
     assert!(left.is_empty(), "files left behind: {left:?}");
 }
+
+/// cloud-config for the suspend test: a first-boot marker with random content, and a unit that
+/// prints it (with the hostname and the SSH host key) on every boot. On the second boot the
+/// guest powers itself off, to exercise a shutdown chosen from inside.
+fn marker_user_data() -> String {
+    let script = r#"#!/bin/sh
+n=$(( $(cat /var/lib/vmhost-boots 2>/dev/null || echo 0) + 1 ))
+echo $n > /var/lib/vmhost-boots
+key=$(ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub | cut -d' ' -f2)
+echo "VMHOST-BOOT n=$n marker=$(cat /var/lib/vmhost-marker) host=$(hostname) hostkey=$key END" > /dev/console
+if [ "$n" = 2 ]; then sleep 3; systemctl poweroff --no-block; fi
+"#;
+    let unit = "[Unit]\nDescription=vmhost e2e boot marker\nAfter=ssh.service\n\n[Service]\nType=oneshot\nExecStart=/usr/local/bin/vmhost-boot-marker\n\n[Install]\nWantedBy=multi-user.target\n";
+    let config = json!({
+        "write_files": [
+            { "path": "/usr/local/bin/vmhost-boot-marker", "permissions": "0755", "content": script },
+            { "path": "/etc/systemd/system/vmhost-boot-marker.service", "content": unit },
+        ],
+        "runcmd": [
+            ["sh", "-c", "od -An -N8 -tx1 /dev/urandom | tr -d ' \\n' > /var/lib/vmhost-marker"],
+            ["systemctl", "enable", "--now", "vmhost-boot-marker.service"],
+        ],
+    });
+    config.to_string()
+}
+
+/// The `VMHOST-BOOT ... END` lines printed so far, in order.
+fn boot_lines(console: &str) -> Vec<String> {
+    console
+        .lines()
+        .filter_map(|l| l.find("VMHOST-BOOT").map(|i| &l[i..]))
+        .filter(|l| l.contains("END"))
+        .map(|l| l.trim_end_matches('\r').to_owned())
+        .collect()
+}
+
+async fn wait_for_boot_line(d: &TestDaemon, console_log: &std::path::Path, n: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(420);
+    loop {
+        let console = std::fs::read_to_string(console_log).unwrap_or_default();
+        let lines = boot_lines(&console);
+        if lines.len() >= n {
+            return lines;
+        }
+        assert!(Instant::now() < deadline, "boot line {n} never appeared:\n{console}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let _ = d;
+    }
+}
+
+fn domstate(domain: &str) -> String {
+    let out = Command::new("virsh").args(["-c", "qemu:///system", "domstate", domain]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suspend_keeps_the_disk_and_unsuspend_boots_it_again() {
+    if !real::available("suspend_keeps_the_disk", &["debian12-cloud/disk.qcow2"]) {
+        return;
+    }
+    let prefix = real::prefix("suspend");
+    real::remove_leftovers(&prefix);
+    let dir = real::data_dir();
+    let backend = Arc::new(LibvirtBackend::connect("qemu:///system").await.unwrap());
+    let mut config = real_config(dir.path(), &prefix);
+    config.suspend_grace_secs = 120;
+    config.suspend_retry_secs = 10;
+    let d = TestDaemon::start_with(config, backend, Accel::Tcg).await;
+
+    let mut spec = common::vm_spec();
+    spec["name"] = json!("e2e-suspend");
+    spec["parameters"] = json!({
+        "sshPublicKeys": { "type": "text", "value": SSH_KEY },
+        "userData": { "type": "text", "value": marker_user_data() },
+    });
+    let id = d.create(spec).await;
+    d.wait_state(&id, "RUNNING", 60).await;
+    let domain = format!("{prefix}-{id}-0");
+    let vm_dir = dir.path().join("vms").join(&domain);
+    let console_log = vm_dir.join("console.log");
+    let first = wait_for_boot_line(&d, &console_log, 1).await;
+    assert!(first[0].starts_with("VMHOST-BOOT n=1 marker="), "{first:?}");
+    assert!(first[0].contains("host=e2e-suspend "), "{first:?}");
+
+    let t0 = Instant::now();
+    let (status, _) = d.post("/api/jobs/suspend", json!({ "items": [{ "id": id }] })).await;
+    assert_eq!(status, 200);
+    let job = d.wait_state(&id, "SUSPENDED", 150).await;
+    eprintln!("suspended after {:?}", t0.elapsed());
+    let status_text = job["updates"].as_array().unwrap().last().unwrap()["status"].as_str().unwrap().to_owned();
+    assert!(status_text.contains("shut down gracefully"), "{status_text}");
+    assert_eq!(domstate(&domain), "shut off");
+    assert!(vm_dir.join("disk.qcow2").exists() && vm_dir.join("seed.img").exists(), "disk and seed kept");
+
+    let t0 = Instant::now();
+    let (status, _) = d.post("/api/jobs/unsuspend", json!({ "items": [{ "id": id }] })).await;
+    assert_eq!(status, 200);
+    d.wait_state(&id, "RUNNING", 60).await;
+    eprintln!("running again after {:?}", t0.elapsed());
+    let lines = wait_for_boot_line(&d, &console_log, 2).await;
+    // Same marker (first-boot modules did not run again), same hostname, same host key.
+    assert_eq!(lines[1].replace("n=2", "n=1"), lines[0], "{lines:?}");
+
+    // The marker unit powers the guest off on its second boot: a shutdown chosen from inside.
+    let job = d.wait_state(&id, "SUSPENDED", 180).await;
+    let status_text = job["updates"].as_array().unwrap().last().unwrap()["status"].as_str().unwrap().to_owned();
+    assert_eq!(status_text, "The virtual machine was powered off from inside");
+    assert!(vm_dir.join("disk.qcow2").exists());
+
+    d.post("/api/jobs/terminate", json!({ "items": [{ "id": id }] })).await;
+    d.wait_state(&id, "SUCCESS", 60).await;
+    assert!(real::domains_with_prefix(&prefix).is_empty());
+    assert!(real::files_under(&dir.path().join("vms")).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_allocation_ends_expired_with_nothing_left() {
+    if !real::available("a_short_allocation_ends_expired", &["busybox-tiny/initrd.img"]) {
+        return;
+    }
+    let prefix = real::prefix("expiry");
+    real::remove_leftovers(&prefix);
+    let dir = real::data_dir();
+    let backend = Arc::new(LibvirtBackend::connect("qemu:///system").await.unwrap());
+    let d = TestDaemon::start_with(real_config(dir.path(), &prefix), backend, Accel::Tcg).await;
+    let mut spec = common::spec("busybox-tiny", "1");
+    spec["timeAllocation"] = json!({ "hours": 0, "minutes": 0, "seconds": 5 });
+    let id = d.create(spec).await;
+    d.wait_state(&id, "RUNNING", 60).await;
+    assert_eq!(real::domains_with_prefix(&prefix).len(), 1);
+    let job = d.wait_state(&id, "EXPIRED", 60).await;
+    assert_eq!(job["status"]["expiresAt"], Value::Null);
+    assert!(real::domains_with_prefix(&prefix).is_empty(), "domain left in libvirt");
+    assert!(real::files_under(&dir.path().join("vms")).is_empty(), "files left behind");
+}
