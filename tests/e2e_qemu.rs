@@ -322,7 +322,11 @@ fn boot_lines(console: &str) -> Vec<String> {
         .collect()
 }
 
-async fn wait_for_boot_line(d: &TestDaemon, console_log: &std::path::Path, n: usize) -> Vec<String> {
+async fn wait_for_boot_line(
+    d: &TestDaemon,
+    console_log: &std::path::Path,
+    n: usize,
+) -> Vec<String> {
     let deadline = Instant::now() + Duration::from_secs(420);
     loop {
         let console = std::fs::read_to_string(console_log).unwrap_or_default();
@@ -330,14 +334,20 @@ async fn wait_for_boot_line(d: &TestDaemon, console_log: &std::path::Path, n: us
         if lines.len() >= n {
             return lines;
         }
-        assert!(Instant::now() < deadline, "boot line {n} never appeared:\n{console}");
+        assert!(
+            Instant::now() < deadline,
+            "boot line {n} never appeared:\n{console}"
+        );
         tokio::time::sleep(Duration::from_secs(1)).await;
         let _ = d;
     }
 }
 
 fn domstate(domain: &str) -> String {
-    let out = Command::new("virsh").args(["-c", "qemu:///system", "domstate", domain]).output().unwrap();
+    let out = Command::new("virsh")
+        .args(["-c", "qemu:///system", "domstate", domain])
+        .output()
+        .unwrap();
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
@@ -371,17 +381,30 @@ async fn suspend_keeps_the_disk_and_unsuspend_boots_it_again() {
     assert!(first[0].contains("host=e2e-suspend "), "{first:?}");
 
     let t0 = Instant::now();
-    let (status, _) = d.post("/api/jobs/suspend", json!({ "items": [{ "id": id }] })).await;
+    let (status, _) = d
+        .post("/api/jobs/suspend", json!({ "items": [{ "id": id }] }))
+        .await;
     assert_eq!(status, 200);
     let job = d.wait_state(&id, "SUSPENDED", 150).await;
     eprintln!("suspended after {:?}", t0.elapsed());
-    let status_text = job["updates"].as_array().unwrap().last().unwrap()["status"].as_str().unwrap().to_owned();
-    assert!(status_text.contains("shut down gracefully"), "{status_text}");
+    let status_text = job["updates"].as_array().unwrap().last().unwrap()["status"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        status_text.contains("shut down gracefully"),
+        "{status_text}"
+    );
     assert_eq!(domstate(&domain), "shut off");
-    assert!(vm_dir.join("disk.qcow2").exists() && vm_dir.join("seed.img").exists(), "disk and seed kept");
+    assert!(
+        vm_dir.join("disk.qcow2").exists() && vm_dir.join("seed.img").exists(),
+        "disk and seed kept"
+    );
 
     let t0 = Instant::now();
-    let (status, _) = d.post("/api/jobs/unsuspend", json!({ "items": [{ "id": id }] })).await;
+    let (status, _) = d
+        .post("/api/jobs/unsuspend", json!({ "items": [{ "id": id }] }))
+        .await;
     assert_eq!(status, 200);
     d.wait_state(&id, "RUNNING", 60).await;
     eprintln!("running again after {:?}", t0.elapsed());
@@ -391,11 +414,18 @@ async fn suspend_keeps_the_disk_and_unsuspend_boots_it_again() {
 
     // The marker unit powers the guest off on its second boot: a shutdown chosen from inside.
     let job = d.wait_state(&id, "SUSPENDED", 180).await;
-    let status_text = job["updates"].as_array().unwrap().last().unwrap()["status"].as_str().unwrap().to_owned();
-    assert_eq!(status_text, "The virtual machine was powered off from inside");
+    let status_text = job["updates"].as_array().unwrap().last().unwrap()["status"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        status_text,
+        "The virtual machine was powered off from inside"
+    );
     assert!(vm_dir.join("disk.qcow2").exists());
 
-    d.post("/api/jobs/terminate", json!({ "items": [{ "id": id }] })).await;
+    d.post("/api/jobs/terminate", json!({ "items": [{ "id": id }] }))
+        .await;
     d.wait_state(&id, "SUCCESS", 60).await;
     assert!(real::domains_with_prefix(&prefix).is_empty());
     assert!(real::files_under(&dir.path().join("vms")).is_empty());
@@ -403,7 +433,10 @@ async fn suspend_keeps_the_disk_and_unsuspend_boots_it_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_allocation_ends_expired_with_nothing_left() {
-    if !real::available("a_short_allocation_ends_expired", &["busybox-tiny/initrd.img"]) {
+    if !real::available(
+        "a_short_allocation_ends_expired",
+        &["busybox-tiny/initrd.img"],
+    ) {
         return;
     }
     let prefix = real::prefix("expiry");
@@ -418,6 +451,12 @@ async fn a_short_allocation_ends_expired_with_nothing_left() {
     assert_eq!(real::domains_with_prefix(&prefix).len(), 1);
     let job = d.wait_state(&id, "EXPIRED", 60).await;
     assert_eq!(job["status"]["expiresAt"], Value::Null);
-    assert!(real::domains_with_prefix(&prefix).is_empty(), "domain left in libvirt");
-    assert!(real::files_under(&dir.path().join("vms")).is_empty(), "files left behind");
+    assert!(
+        real::domains_with_prefix(&prefix).is_empty(),
+        "domain left in libvirt"
+    );
+    assert!(
+        real::files_under(&dir.path().join("vms")).is_empty(),
+        "files left behind"
+    );
 }

@@ -11,8 +11,8 @@ use async_trait::async_trait;
 use tokio::sync::broadcast;
 
 use super::{
-    BackendError, DomainInfo, DomainOwner, HostInfo, PowerState, StopCause, VmBackend, VmEvent,
-    VmFiles, VmSpec,
+    BackendError, ConsoleStream, DomainInfo, DomainOwner, HostInfo, PowerState, StopCause,
+    VmBackend, VmEvent, VmFiles, VmSpec,
 };
 
 #[derive(Debug, Clone)]
@@ -262,6 +262,14 @@ impl VmBackend for FakeBackend {
     async fn host_info(&self) -> Result<HostInfo, BackendError> {
         self.check_available()?;
         Ok(self.host)
+    }
+
+    async fn open_vnc(&self, _name: &str) -> Result<ConsoleStream, BackendError> {
+        Err(BackendError::NotSupported { op: "open_vnc" })
+    }
+
+    async fn open_serial(&self, _name: &str) -> Result<ConsoleStream, BackendError> {
+        Err(BackendError::NotSupported { op: "open_serial" })
     }
 
     fn subscribe(&self) -> broadcast::Receiver<VmEvent> {

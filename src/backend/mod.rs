@@ -196,6 +196,8 @@ pub enum BackendError {
         #[source]
         err: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error("{op} is not supported by this hypervisor connection")]
+    NotSupported { op: &'static str },
     #[error("{op} failed for domain {name}")]
     Hypervisor {
         op: &'static str,
@@ -204,6 +206,13 @@ pub enum BackendError {
         err: Box<dyn std::error::Error + Send + Sync>,
     },
 }
+
+/// A byte stream to one of a VM's consoles.
+pub type ConsoleStream = Box<dyn ConsoleIo>;
+
+/// What a console stream can do: read and write bytes asynchronously.
+pub trait ConsoleIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> ConsoleIo for T {}
 
 /// The hypervisor seam. See the module docs.
 #[async_trait]
@@ -225,6 +234,11 @@ pub trait VmBackend: Send + Sync + 'static {
     async fn list(&self, prefix: &str) -> Result<Vec<DomainInfo>, BackendError>;
     /// Host capacity; also a liveness probe of the hypervisor connection.
     async fn host_info(&self) -> Result<HostInfo, BackendError>;
+    /// Opens the VM's VNC display, skipping VNC authentication: the caller has authenticated
+    /// the user. QEMU listens on no TCP port; the stream is the only way in.
+    async fn open_vnc(&self, name: &str) -> Result<ConsoleStream, BackendError>;
+    /// Attaches to the VM's serial console (bytes to and from the guest's ttyS0).
+    async fn open_serial(&self, name: &str) -> Result<ConsoleStream, BackendError>;
     /// Lifecycle events of all domains. Events can be lost (daemon restart, lagging receiver),
     /// so consumers also poll [`VmBackend::state`] periodically.
     fn subscribe(&self) -> broadcast::Receiver<VmEvent>;

@@ -36,8 +36,8 @@ use virt::connect::Connect;
 use virt::error::{Error as VirtError, ErrorNumber};
 
 use crate::backend::{
-    BackendError, BootMode, DomainInfo, DomainOwner, HostInfo, PowerState, VmBackend, VmEvent,
-    VmFiles, VmSpec,
+    BackendError, BootMode, ConsoleStream, DomainInfo, DomainOwner, HostInfo, PowerState,
+    VmBackend, VmEvent, VmFiles, VmSpec,
 };
 
 /// Maximum number of libvirt calls in flight (each holds a blocking-pool thread).
@@ -518,6 +518,14 @@ impl VmBackend for LibvirtBackend {
             cpus: info.cpus,
             memory_mib: info.memory / 1024,
         })
+    }
+
+    async fn open_vnc(&self, _name: &str) -> Result<ConsoleStream, BackendError> {
+        Err(BackendError::NotSupported { op: "open_vnc" })
+    }
+
+    async fn open_serial(&self, _name: &str) -> Result<ConsoleStream, BackendError> {
+        Err(BackendError::NotSupported { op: "open_serial" })
     }
 
     fn subscribe(&self) -> broadcast::Receiver<VmEvent> {

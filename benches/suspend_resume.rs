@@ -1,0 +1,369 @@
+//! Suspend and unsuspend: vmhost beside `virsh shutdown` and `virsh start` of the same domain
+//! XML (the floor).
+//!
+//! Per run: create a busybox-tiny job and wait for its `vmhost-tiny: booted` banner (printed once
+//! busybox acpid runs, so the ACPI power button works); time `POST /api/jobs/suspend` until
+//! `retrieve` says SUSPENDED, then `POST /api/jobs/unsuspend` until RUNNING; wait for the banner
+//! again. Then the job's persistent domain XML is defined again under another name on fresh
+//! copies of its files (vmhost no longer runs anything meanwhile: the job is terminated first),
+//! booted to its banner, and `virsh shutdown --mode acpi` until `virsh domstate` says "shut off"
+//! and `virsh start` are timed on it.
+//!
+//! Needs libvirtd and the busybox-tiny image (`images/build-images.sh`); prints figures and two
+//! ratios. Run: `cargo bench --bench suspend_resume` (as root). `BENCH_RUNS` sets the count.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context};
+use serde_json::{json, Value};
+use vmhost::backend::libvirt::LibvirtBackend;
+use vmhost::backend::Accel;
+use vmhost::config::{BackendKind, Config, UserConfig};
+
+const TOKEN: &str = "bench-token-0123";
+const PREFIX: &str = "vmhost-bench-sr";
+const BANNER: &str = "vmhost-tiny: booted";
+/// How long the guest may take to print its banner, or to power off, before the run fails.
+const PATIENCE: Duration = Duration::from_secs(120);
+/// Pause after the banner before pressing the power button: `acpid` forks before it has opened
+/// the input device, and a press in that window is lost. The same for vmhost and the floor.
+const SETTLE: Duration = Duration::from_millis(500);
+
+fn virsh(args: &[&str]) -> std::process::Output {
+    Command::new("virsh")
+        .args(["-c", "qemu:///system"])
+        .args(args)
+        .output()
+        .expect("virsh runs")
+}
+
+fn virsh_ok(args: &[&str]) -> anyhow::Result<String> {
+    let out = virsh(args);
+    ensure!(
+        out.status.success(),
+        "virsh {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn domstate(name: &str) -> String {
+    String::from_utf8_lossy(&virsh(&["domstate", name]).stdout)
+        .trim()
+        .to_owned()
+}
+
+/// Destroys and undefines every domain with the bench's prefix.
+fn remove_leftover_domains() {
+    for name in String::from_utf8_lossy(&virsh(&["list", "--all", "--name"]).stdout).lines() {
+        if name.starts_with(PREFIX) {
+            virsh(&["destroy", name]);
+            virsh(&["undefine", name]);
+        }
+    }
+}
+
+fn chmod_755(path: &Path) -> std::io::Result<()> {
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+}
+
+fn banners(log: &Path) -> usize {
+    std::fs::read(log)
+        .map(|b| String::from_utf8_lossy(&b).matches(BANNER).count())
+        .unwrap_or(0)
+}
+
+/// Waits until `log` holds at least `count` banners, then lets acpid settle.
+async fn wait_for_banner(log: &Path, count: usize) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    while banners(log) < count {
+        ensure!(
+            t0.elapsed() < PATIENCE,
+            "no banner #{count} in {} after {PATIENCE:?}",
+            log.display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(SETTLE).await;
+    Ok(())
+}
+
+fn stats(name: &str, samples: &mut [Duration]) -> f64 {
+    samples.sort();
+    let median = samples[samples.len() / 2].as_secs_f64();
+    println!(
+        "{name:<36} n={:<3} median {:>7.1} ms  min {:>7.1} ms  max {:>7.1} ms",
+        samples.len(),
+        median * 1e3,
+        samples[0].as_secs_f64() * 1e3,
+        samples[samples.len() - 1].as_secs_f64() * 1e3
+    );
+    median
+}
+
+#[derive(Default)]
+struct Samples {
+    suspend: Vec<Duration>,
+    unsuspend: Vec<Duration>,
+    shutdown: Vec<Duration>,
+    start: Vec<Duration>,
+    /// vmhost's SUSPENDED message of each run ("... shut down gracefully after N s ...").
+    suspend_messages: Vec<String>,
+    /// Extra power-button presses the floor needed (the first one was lost).
+    floor_repeats: u32,
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let images = Path::new("/var/lib/vmhost/images/busybox-tiny/initrd.img");
+    if !Path::new("/var/run/libvirt/libvirt-sock").exists() || !images.exists() {
+        println!("suspend_resume: needs libvirtd and the busybox-tiny image; skipped");
+        return Ok(());
+    }
+    let runs: usize = std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(6);
+    remove_leftover_domains();
+    let dir = tempfile::Builder::new()
+        .prefix("vmhost-bench-sr-")
+        .tempdir_in("/var/tmp")?;
+    chmod_755(dir.path())?;
+    let mut samples = Samples::default();
+    let outcome = bench(dir.path(), runs, &mut samples).await;
+    // Whatever happened: no domain of the bench survives it (the tempdir goes on drop).
+    remove_leftover_domains();
+    outcome?;
+
+    println!("suspend and unsuspend, busybox-tiny under TCG, {runs} runs");
+    let suspend = stats("vmhost suspend (request->SUSPENDED)", &mut samples.suspend);
+    let shutdown = stats("virsh shutdown (->shut off)", &mut samples.shutdown);
+    let unsuspend = stats(
+        "vmhost unsuspend (request->RUNNING)",
+        &mut samples.unsuspend,
+    );
+    let start = stats("virsh start", &mut samples.start);
+    println!(
+        "ratio vmhost suspend / virsh shutdown (medians): {:.2}",
+        suspend / shutdown
+    );
+    println!(
+        "ratio vmhost unsuspend / virsh start (medians): {:.2}",
+        unsuspend / start
+    );
+    println!(
+        "vmhost SUSPENDED messages: {:?}; extra power-button presses the floor needed: {}",
+        samples.suspend_messages, samples.floor_repeats
+    );
+    Ok(())
+}
+
+async fn bench(dir: &Path, runs: usize, samples: &mut Samples) -> anyhow::Result<()> {
+    let config = Config {
+        backend: BackendKind::Libvirt,
+        data_dir: dir.to_owned(),
+        domain_prefix: PREFIX.into(),
+        // The ACPI power button is pressed again after this long if the guest is still up.
+        suspend_retry_secs: 1,
+        sync_interval_secs: 10,
+        users: vec![UserConfig {
+            name: "bench".into(),
+            token: TOKEN.into(),
+        }],
+        ..Config::default()
+    };
+    let vm_root = config.vm_dir();
+    let backend = Arc::new(LibvirtBackend::connect("qemu:///system").await?);
+    let daemon = vmhost::server::build_with(config, backend, Accel::Tcg).await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, daemon.router).await.unwrap() });
+    let client = reqwest::Client::new();
+    let call = |method: &str, path: &str, body: Option<Value>| {
+        let mut req = client
+            .request(method.parse().unwrap(), format!("{base}{path}"))
+            .bearer_auth(TOKEN);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let what = format!("{method} {path}");
+        async move {
+            let resp = req.send().await.with_context(|| what.clone())?;
+            let status = resp.status();
+            let body: Value = resp.json().await.with_context(|| what.clone())?;
+            ensure!(status.is_success(), "{what}: {status} {body}");
+            anyhow::Ok(body)
+        }
+    };
+    // Polls `retrieve` every 5 ms until the job is in `want`; returns the job.
+    let wait_state = |id: String, want: &'static str| {
+        let call = &call;
+        async move {
+            let t0 = Instant::now();
+            loop {
+                let job = call("GET", &format!("/api/jobs/retrieve?id={id}"), None).await?;
+                match job["status"]["state"].as_str() {
+                    Some(s) if s == want => return anyhow::Ok(job),
+                    Some("FAILURE") => bail!("job {id} failed: {job}"),
+                    _ if t0.elapsed() > PATIENCE => bail!("job {id} not {want}: {job}"),
+                    _ => tokio::time::sleep(Duration::from_millis(5)).await,
+                }
+            }
+        }
+    };
+    let spec = json!({
+        "application": { "name": "busybox-tiny", "version": "1" },
+        "product": { "id": "vm-small", "category": "vm", "provider": "vmhost" },
+        "allowDuplicateJob": true,
+    });
+    for i in 0..runs {
+        let created = call("POST", "/api/jobs", Some(json!({ "items": [spec] }))).await?;
+        let id = created["responses"][0]["id"]
+            .as_str()
+            .with_context(|| format!("no job id in {created}"))?
+            .to_owned();
+        let items = json!({ "items": [{ "id": id }] });
+        wait_state(id.clone(), "RUNNING").await?;
+        let domain = format!("{PREFIX}-{id}-0");
+        let vm_dir = vm_root.join(&domain);
+        let log = vm_dir.join("console.log");
+        wait_for_banner(&log, 1).await?;
+
+        let t0 = Instant::now();
+        call("POST", "/api/jobs/suspend", Some(items.clone())).await?;
+        let job = wait_state(id.clone(), "SUSPENDED").await?;
+        samples.suspend.push(t0.elapsed());
+        samples.suspend_messages.push(
+            job["updates"][0]["status"]
+                .as_str()
+                .unwrap_or("?")
+                .to_owned(),
+        );
+        ensure!(domstate(&domain) == "shut off", "{domain} still runs");
+
+        let t0 = Instant::now();
+        call("POST", "/api/jobs/unsuspend", Some(items.clone())).await?;
+        wait_state(id.clone(), "RUNNING").await?;
+        samples.unsuspend.push(t0.elapsed());
+        wait_for_banner(&log, 2).await?;
+
+        // The floor: the persistent XML vmhost defined, on fresh copies of its files, run by
+        // virsh alone. The job goes first so that one guest runs at a time, as for vmhost.
+        let xml = virsh_ok(&["dumpxml", "--inactive", &domain])?;
+        let floor_dir = dir.join(format!("floor-{i}"));
+        let floor_name = format!("{PREFIX}-floor-{i}");
+        prepare_floor(&vm_dir, &floor_dir)?;
+        let floor_xml: String = xml
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("<uuid>"))
+            .collect::<Vec<_>>()
+            .join("\n")
+            .replace(
+                &format!("<name>{domain}</name>"),
+                &format!("<name>{floor_name}</name>"),
+            )
+            .replace(vm_dir.to_str().unwrap(), floor_dir.to_str().unwrap());
+        ensure!(
+            !floor_xml.contains(&domain),
+            "floor XML still names {domain}"
+        );
+        let xml_path = floor_dir.join("domain.xml");
+        std::fs::write(&xml_path, floor_xml)?;
+        call("POST", "/api/jobs/terminate", Some(items)).await?;
+        wait_state(id.clone(), "SUCCESS").await?;
+
+        let floor = floor_run(&floor_name, &floor_dir, &xml_path, samples).await;
+        virsh(&["destroy", &floor_name]);
+        virsh(&["undefine", &floor_name]);
+        std::fs::remove_dir_all(&floor_dir)?;
+        floor?;
+        eprintln!(
+            "run {}/{runs}: suspend {:?} shutdown {:?} unsuspend {:?} start {:?}",
+            i + 1,
+            samples.suspend[i],
+            samples.shutdown[i],
+            samples.unsuspend[i],
+            samples.start[i]
+        );
+    }
+    Ok(())
+}
+
+/// A fresh overlay on the job's backing image (and a copy of its seed, if any) in `floor_dir`.
+fn prepare_floor(vm_dir: &Path, floor_dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(floor_dir)?;
+    chmod_755(floor_dir)?;
+    let info = Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(vm_dir.join("disk.qcow2"))
+        .output()?;
+    let info: Value = serde_json::from_slice(&info.stdout).context("qemu-img info")?;
+    let backing = info["full-backing-filename"]
+        .as_str()
+        .or(info["backing-filename"].as_str())
+        .with_context(|| format!("no backing file in {info}"))?;
+    let backing_fmt = info["backing-filename-format"].as_str().unwrap_or("raw");
+    let size = info["virtual-size"]
+        .as_u64()
+        .context("no virtual size")?
+        .to_string();
+    let status = Command::new("qemu-img")
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            backing_fmt,
+            "-b",
+            backing,
+        ])
+        .arg(floor_dir.join("disk.qcow2"))
+        .arg(&size)
+        .status()?;
+    ensure!(status.success(), "qemu-img create failed");
+    if vm_dir.join("seed.img").exists() {
+        std::fs::copy(vm_dir.join("seed.img"), floor_dir.join("seed.img"))?;
+    }
+    Ok(())
+}
+
+/// Defines and boots the floor domain, then times `virsh shutdown` and `virsh start` on it.
+async fn floor_run(
+    name: &str,
+    dir: &Path,
+    xml_path: &Path,
+    samples: &mut Samples,
+) -> anyhow::Result<()> {
+    let log: PathBuf = dir.join("console.log");
+    virsh_ok(&["define", xml_path.to_str().unwrap()])?;
+    virsh_ok(&["start", name])?;
+    wait_for_banner(&log, 1).await?;
+
+    // `--mode acpi`: the power button, as vmhost presses it (plain `virsh shutdown` would try
+    // the guest agent first if one answered).
+    let t0 = Instant::now();
+    virsh_ok(&["shutdown", "--mode", "acpi", name])?;
+    let mut pressed = t0;
+    while domstate(name) != "shut off" {
+        ensure!(t0.elapsed() < PATIENCE, "{name} did not power off");
+        // vmhost presses again after suspend_retry_secs (1 s): so does the floor.
+        if pressed.elapsed() >= Duration::from_secs(1) {
+            samples.floor_repeats += 1;
+            virsh(&["shutdown", "--mode", "acpi", name]);
+            pressed = Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    samples.shutdown.push(t0.elapsed());
+
+    let t0 = Instant::now();
+    virsh_ok(&["start", name])?;
+    samples.start.push(t0.elapsed());
+    // The guest really comes back (as checked for vmhost's unsuspend).
+    wait_for_banner(&log, 2).await
+}
