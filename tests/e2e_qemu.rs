@@ -339,7 +339,6 @@ async fn wait_for_boot_line(
             "boot line {n} never appeared:\n{console}"
         );
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let _ = d;
     }
 }
 
@@ -376,7 +375,7 @@ async fn suspend_keeps_the_disk_and_unsuspend_boots_it_again() {
     let domain = format!("{prefix}-{id}-0");
     let vm_dir = dir.path().join("vms").join(&domain);
     let console_log = vm_dir.join("console.log");
-    let first = wait_for_boot_line(&d, &console_log, 1).await;
+    let first = wait_for_boot_line(&console_log, 1).await;
     assert!(first[0].starts_with("VMHOST-BOOT n=1 marker="), "{first:?}");
     assert!(first[0].contains("host=e2e-suspend "), "{first:?}");
 
@@ -408,7 +407,7 @@ async fn suspend_keeps_the_disk_and_unsuspend_boots_it_again() {
     assert_eq!(status, 200);
     d.wait_state(&id, "RUNNING", 60).await;
     eprintln!("running again after {:?}", t0.elapsed());
-    let lines = wait_for_boot_line(&d, &console_log, 2).await;
+    let lines = wait_for_boot_line(&console_log, 2).await;
     // Same marker (first-boot modules did not run again), same hostname, same host key.
     assert_eq!(lines[1].replace("n=2", "n=1"), lines[0], "{lines:?}");
 

@@ -77,11 +77,9 @@ pub(super) async fn jobs_terminate(
     AuthUser(owner): AuthUser,
     AppJson(request): AppJson<BulkRequest<FindByStringId>>,
 ) -> Result<Json<BulkResponse<Unit>>, ApiError> {
-    let ids: Vec<String> = request.items.into_iter().map(|i| i.id).collect();
+    let ids = ids_of(request);
     state.manager.terminate(&owner, &ids).await?;
-    Ok(Json(BulkResponse {
-        responses: ids.iter().map(|_| Unit {}).collect(),
-    }))
+    Ok(acknowledged(ids.len()))
 }
 
 pub(super) async fn jobs_suspend(
@@ -89,11 +87,9 @@ pub(super) async fn jobs_suspend(
     AuthUser(owner): AuthUser,
     AppJson(request): AppJson<BulkRequest<FindByStringId>>,
 ) -> Result<Json<BulkResponse<Unit>>, ApiError> {
-    let ids: Vec<String> = request.items.into_iter().map(|i| i.id).collect();
+    let ids = ids_of(request);
     state.manager.suspend(&owner, &ids).await?;
-    Ok(Json(BulkResponse {
-        responses: ids.iter().map(|_| Unit {}).collect(),
-    }))
+    Ok(acknowledged(ids.len()))
 }
 
 pub(super) async fn jobs_unsuspend(
@@ -101,11 +97,9 @@ pub(super) async fn jobs_unsuspend(
     AuthUser(owner): AuthUser,
     AppJson(request): AppJson<BulkRequest<FindByStringId>>,
 ) -> Result<Json<BulkResponse<Unit>>, ApiError> {
-    let ids: Vec<String> = request.items.into_iter().map(|i| i.id).collect();
+    let ids = ids_of(request);
     state.manager.unsuspend(&owner, &ids).await?;
-    Ok(Json(BulkResponse {
-        responses: ids.iter().map(|_| Unit {}).collect(),
-    }))
+    Ok(acknowledged(ids.len()))
 }
 
 pub(super) async fn jobs_extend(
@@ -119,9 +113,18 @@ pub(super) async fn jobs_extend(
         .map(|i| (i.job_id, i.requested_time))
         .collect();
     state.manager.extend(&owner, &items).await?;
-    Ok(Json(BulkResponse {
-        responses: items.iter().map(|_| Unit {}).collect(),
-    }))
+    Ok(acknowledged(items.len()))
+}
+
+fn ids_of(request: BulkRequest<FindByStringId>) -> Vec<String> {
+    request.items.into_iter().map(|i| i.id).collect()
+}
+
+/// `BulkResponse<Unit>` with one empty object per item.
+fn acknowledged(items: usize) -> Json<BulkResponse<Unit>> {
+    Json(BulkResponse {
+        responses: (0..items).map(|_| Unit {}).collect(),
+    })
 }
 
 /// Nothing needs initialising per user on a standalone host; UCloud may call it any time.
