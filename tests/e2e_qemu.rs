@@ -322,11 +322,7 @@ fn boot_lines(console: &str) -> Vec<String> {
         .collect()
 }
 
-async fn wait_for_boot_line(
-    d: &TestDaemon,
-    console_log: &std::path::Path,
-    n: usize,
-) -> Vec<String> {
+async fn wait_for_boot_line(console_log: &std::path::Path, n: usize) -> Vec<String> {
     let deadline = Instant::now() + Duration::from_secs(420);
     loop {
         let console = std::fs::read_to_string(console_log).unwrap_or_default();
