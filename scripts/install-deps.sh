@@ -15,3 +15,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
+
+# Browser assets (noVNC, xterm.js) and the browser test driver, pinned by web/package-lock.json.
+cd "$(dirname "$0")/../web"
+npm ci --no-audit --no-fund --loglevel=error
