@@ -1,0 +1,267 @@
+//! Interactive sessions: `interactiveSession`, the VNC and shell WebSockets, and the pages.
+//!
+//! `interactiveSession` checks the job (owner, RUNNING, rank) and issues a one-time token.
+//! The browser then connects without a bearer token: the token (VNC) or session identifier
+//! (shell) is the credential. Every check — Origin, token, job still running, console opens —
+//! happens *before* the WebSocket upgrade, so a refusal is a plain HTTP status with the UCloud
+//! error body and nothing reaches QEMU. A session closes with a reason when its VM stops.
+
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap};
+use axum::response::{Html, IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::extract::{AppJson, AppQuery, AuthUser};
+use super::types::{BulkRequest, BulkResponse};
+use super::AppState;
+use crate::console::{
+    origin_allowed, proxy, run_shell, CloseReason, Grant, ProxyConfig, SessionKind, ShellConfig,
+    StopSignal, TokenError, WsAdapter,
+};
+use crate::jobs::{JobState, Owner};
+
+/// `JobsOpenInteractiveSessionRequestItem`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct OpenSessionItem {
+    id: String,
+    #[serde(default)]
+    rank: u32,
+    session_type: SessionType,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+enum SessionType {
+    Web,
+    Vnc,
+    Shell,
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct TokenQuery {
+    token: String,
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct SessionQuery {
+    session: String,
+}
+
+/// WebSocket messages from noVNC and xterm are small; a large frame is an error.
+const MAX_CLIENT_MESSAGE: usize = 1 << 20;
+
+pub(super) async fn jobs_open_interactive_session(
+    State(state): State<AppState>,
+    AuthUser(owner): AuthUser,
+    AppJson(request): AppJson<BulkRequest<OpenSessionItem>>,
+) -> Result<Json<BulkResponse<Value>>, ApiError> {
+    let config = state.manager.config();
+    // Check every item before issuing anything, so a refused request leaves no live token.
+    for item in &request.items {
+        if matches!(item.session_type, SessionType::Web) {
+            return Err(ApiError::NotSupported(
+                "virtual machines have no web interface; use VNC or SHELL".into(),
+            ));
+        }
+        state.manager.console_domain(&owner, &item.id, item.rank).await?;
+    }
+    let base = config.public_url.trim_end_matches('/');
+    let provider = &config.provider_id;
+    let mut responses = Vec::with_capacity(request.items.len());
+    for item in request.items {
+        let kind = match item.session_type {
+            SessionType::Vnc => SessionKind::Vnc,
+            SessionType::Shell | SessionType::Web => SessionKind::Shell,
+        };
+        let grant = Grant { job_id: item.id.clone(), rank: item.rank, user: owner.0.clone(), kind };
+        let token = state.tokens.issue(grant);
+        let session = match kind {
+            SessionKind::Vnc => json!({
+                "type": "vnc", "jobId": item.id, "rank": item.rank,
+                "url": format!("{base}/ucloud/{provider}/vnc?token={token}"),
+                "password": "",
+            }),
+            SessionKind::Shell => json!({
+                "type": "shell", "jobId": item.id, "rank": item.rank, "sessionIdentifier": token,
+            }),
+        };
+        responses.push(json!({ "providerDomain": base, "providerId": provider, "session": session }));
+    }
+    Ok(Json(BulkResponse { responses }))
+}
+
+/// `GET /ucloud/{provider}/vnc?token=`: the noVNC WebSocket.
+pub(super) async fn console_vnc(
+    State(state): State<AppState>,
+    Path(provider): Path<String>,
+    AppQuery(query): AppQuery<TokenQuery>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let (grant, domain) = admit(&state, &provider, &headers, &query.token, SessionKind::Vnc).await?;
+    let stream = state.manager.backend().open_vnc(&domain).await.map_err(console_unavailable)?;
+    let stop = stop_when_not_running(&state, &grant.job_id);
+    Ok(ws
+        .protocols(["binary"])
+        .max_message_size(MAX_CLIENT_MESSAGE)
+        .on_upgrade(move |socket| async move {
+            let summary = proxy(WsAdapter::new(socket), stream, stop, ProxyConfig::default()).await;
+            tracing::info!(job_id = %grant.job_id, rank = grant.rank, ended = ?summary.ended,
+                bytes_to_vm = summary.to_upstream_bytes, bytes_to_browser = summary.to_client_bytes,
+                "VNC session closed");
+        }))
+}
+
+/// `GET /ucloud/{provider}/websocket?session=`: UCloud's interactive shell.
+pub(super) async fn console_shell(
+    State(state): State<AppState>,
+    Path(provider): Path<String>,
+    AppQuery(query): AppQuery<SessionQuery>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let (grant, domain) =
+        admit(&state, &provider, &headers, &query.session, SessionKind::Shell).await?;
+    let stream = state.manager.backend().open_serial(&domain).await.map_err(console_unavailable)?;
+    let stop = stop_when_not_running(&state, &grant.job_id);
+    Ok(ws.max_message_size(MAX_CLIENT_MESSAGE).on_upgrade(move |socket| async move {
+        let session = query.session;
+        let summary =
+            run_shell(WsAdapter::new(socket), stream, &session, stop, ShellConfig::default()).await;
+        tracing::info!(job_id = %grant.job_id, rank = grant.rank, ended = ?summary.ended,
+            "shell session closed");
+    }))
+}
+
+/// The checks that precede every console upgrade. The token is spent here, so a refused
+/// attempt cannot be retried with it.
+async fn admit(
+    state: &AppState,
+    provider: &str,
+    headers: &HeaderMap,
+    token: &str,
+    kind: SessionKind,
+) -> Result<(Grant, String), ApiError> {
+    let config = state.manager.config();
+    if provider != config.provider_id {
+        return Err(ApiError::NotFound(format!("unknown provider {provider:?}")));
+    }
+    let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
+    if !origin_allowed(origin, &config.allowed_origins, &config.public_url) {
+        return Err(ApiError::Forbidden(format!(
+            "WebSocket connections from origin {} are not allowed",
+            origin.unwrap_or("<none>")
+        )));
+    }
+    let grant = state.tokens.redeem(token, kind).map_err(token_error)?;
+    let domain = state.manager.console_domain(&Owner(grant.user.clone()), &grant.job_id, grant.rank).await?;
+    Ok((grant, domain))
+}
+
+fn token_error(e: TokenError) -> ApiError {
+    match e {
+        TokenError::Expired => ApiError::Gone(format!("{e}; open the console again")),
+        TokenError::Unknown | TokenError::WrongKind { .. } => ApiError::Forbidden(e.to_string()),
+    }
+}
+
+fn console_unavailable(e: crate::backend::BackendError) -> ApiError {
+    ApiError::Busy(format!(
+        "the virtual machine's console cannot be opened: {}",
+        crate::telemetry::error_chain(&e)
+    ))
+}
+
+/// A stop signal fired when the job leaves RUNNING, with a reason the browser can show.
+fn stop_when_not_running(state: &AppState, job_id: &str) -> StopSignal {
+    let stop = StopSignal::new();
+    let mut changes = state.manager.subscribe();
+    let (signal, job_id) = (stop.clone(), job_id.to_owned());
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                change = changes.recv() => match change {
+                    Ok(change) if change.job_id == job_id => {
+                        let reason = match change.update.state {
+                            Some(JobState::Suspended) => CloseReason::vm_suspended(),
+                            Some(JobState::InQueue) => CloseReason::vm_stopped(),
+                            Some(s) if s.is_final() => CloseReason::job_ended(),
+                            _ => continue,
+                        };
+                        signal.stop(reason);
+                        return;
+                    }
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                },
+                // The session ended on its own: stop watching.
+                _ = signal.stopped() => return,
+            }
+        }
+    });
+    stop
+}
+
+/// `GET /api/console/status?token=`: why a console link would be refused, without spending it.
+pub(super) async fn console_status(
+    State(state): State<AppState>,
+    AppQuery(query): AppQuery<TokenQuery>,
+) -> Json<Value> {
+    let why = match state.tokens.peek(&query.token, SessionKind::Vnc) {
+        Err(e) => token_error(e).to_string(),
+        Ok(grant) => {
+            let owner = Owner(grant.user.clone());
+            match state.manager.console_domain(&owner, &grant.job_id, grant.rank).await {
+                Ok(_) => String::new(),
+                Err(e) => ApiError::from(e).to_string(),
+            }
+        }
+    };
+    Json(json!({ "why": why }))
+}
+
+/// `GET /console?token=` and `GET /terminal?session=`: the pages, with the provider filled in.
+pub(super) async fn console_page(State(state): State<AppState>) -> Response {
+    page(&state, include_str!("../../web/console.html"))
+}
+
+pub(super) async fn terminal_page(State(state): State<AppState>) -> Response {
+    page(&state, include_str!("../../web/terminal.html"))
+}
+
+fn page(state: &AppState, template: &str) -> Response {
+    let provider = html_escape(&state.manager.config().provider_id);
+    let html = template.replace("__VMHOST_PROVIDER__", &provider);
+    // The pages load only their own scripts; nothing may frame them.
+    (
+        [
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; style-src 'self' 'unsafe-inline'; connect-src 'self' ws: wss:; \
+                 frame-ancestors 'none'",
+            ),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        Html(html),
+    )
+        .into_response()
+}
+
+fn html_escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('"', "&quot;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+/// The pages' own scripts, compiled in.
+pub(super) async fn page_script(Path(name): Path<String>) -> Result<Response, ApiError> {
+    let script = match name.as_str() {
+        "console.js" => include_str!("../../web/console.js"),
+        "terminal.js" => include_str!("../../web/terminal.js"),
+        _ => return Err(ApiError::NotFound("no such asset".into())),
+    };
+    Ok(([(header::CONTENT_TYPE, "text/javascript; charset=utf-8")], script).into_response())
+}
