@@ -34,6 +34,13 @@ pub struct Config {
     pub provider_id: String,
     /// Public base URL of this vmhost as browsers reach it (scheme, host, port, path prefix).
     pub public_url: String,
+    /// Browser origins (besides `public_url`'s) allowed to open console WebSockets, e.g. the
+    /// UCloud web app's `https://cloud.example.org`.
+    pub allowed_origins: Vec<String>,
+    /// How long a console link may wait before it is used, in seconds (single use).
+    pub console_token_ttl_secs: u64,
+    /// Directory with the browser assets (`web/` of the source tree, with `npm ci` run in it).
+    pub web_dir: PathBuf,
     /// Every domain vmhost creates is named `<domain_prefix>-<job>-<rank>`.
     pub domain_prefix: String,
     /// Where built or hand-placed base images live (relative catalog paths resolve here).
@@ -110,6 +117,9 @@ impl Default for Config {
             accel: AccelSetting::Auto,
             provider_id: "vmhost".to_owned(),
             public_url: "http://127.0.0.1:8080".to_owned(),
+            allowed_origins: Vec::new(),
+            console_token_ttl_secs: 60,
+            web_dir: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/web")),
             domain_prefix: "vmhost".to_owned(),
             image_dir: PathBuf::from("/var/lib/vmhost/images"),
             catalog: None,
@@ -255,6 +265,9 @@ impl Config {
         }
         if self.suspend_retry_secs == 0 || self.suspend_grace_secs == 0 {
             return invalid("suspend_grace_secs and suspend_retry_secs must be at least 1".into());
+        }
+        if self.console_token_ttl_secs == 0 || self.console_token_ttl_secs > 3600 {
+            return invalid("console_token_ttl_secs must be between 1 and 3600".into());
         }
         if self.sync_interval_secs == 0 {
             return invalid("sync_interval_secs must be at least 1".into());
