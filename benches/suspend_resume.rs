@@ -30,8 +30,8 @@ const BANNER: &str = "vmhost-tiny: booted";
 const POWERING_OFF: &str = "vmhost-tiny: power button, powering off";
 /// How long the guest may take to print its banner, or to power off, before the run fails.
 const PATIENCE: Duration = Duration::from_secs(120);
-/// Pause after the banner before pressing the power button: `acpid` forks before it has opened
-/// the input device, and a press in that window is lost. The same for vmhost and the floor.
+/// Pause after the banner before pressing the power button: the banner follows `acpid`'s fork,
+/// which may not have opened the input device yet (a press then is lost). Same for both sides.
 const SETTLE: Duration = Duration::from_millis(500);
 
 fn virsh(args: &[&str]) -> std::process::Output {
