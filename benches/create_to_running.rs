@@ -14,7 +14,7 @@ use vmhost::backend::Accel;
 use vmhost::config::{BackendKind, Config, UserConfig};
 
 const TOKEN: &str = "bench-token-0123";
-const PREFIX: &str = "vmhost-bench";
+const PREFIX: &str = "vmhost-bench-ctr";
 
 fn virsh(args: &[&str]) -> std::process::Output {
     Command::new("virsh")
