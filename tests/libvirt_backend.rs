@@ -331,6 +331,53 @@ async fn missing_domains_are_reported_or_ignored_as_documented() {
     assert_eq!(f.backend.state(&s.name).await.expect("state"), None);
 }
 
+/// The kind of a console error, for assertions (a `ConsoleStream` is not `Debug`).
+fn console_error(r: Result<vmhost::backend::ConsoleStream, BackendError>) -> BackendError {
+    match r {
+        Ok(_) => panic!("the test driver opened a console"),
+        Err(e) => e,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn consoles_are_unsupported_on_the_test_driver_and_checked_first() {
+    let f = fixture().await;
+    let missing = "vmhost-test-console-absent";
+    for r in [
+        f.backend.open_vnc(missing).await,
+        f.backend.open_serial(missing).await,
+    ] {
+        let e = console_error(r);
+        assert!(matches!(e, BackendError::NoSuchDomain { .. }), "{e:?}");
+    }
+
+    let s = f.spec(&unique_name("vmhost-test-console-"));
+    f.backend.ensure_defined(&s).await.expect("define");
+    for r in [
+        f.backend.open_vnc(&s.name).await,
+        f.backend.open_serial(&s.name).await,
+    ] {
+        let e = console_error(r);
+        assert!(
+            matches!(&e, BackendError::NotRunning { name } if *name == s.name),
+            "{e:?}"
+        );
+    }
+
+    f.backend.start(&s.name).await.expect("start");
+    let e = console_error(f.backend.open_vnc(&s.name).await);
+    assert!(
+        matches!(e, BackendError::NotSupported { op: "open_vnc" }),
+        "{e:?}"
+    );
+    let e = console_error(f.backend.open_serial(&s.name).await);
+    assert!(
+        matches!(e, BackendError::NotSupported { op: "open_serial" }),
+        "{e:?}"
+    );
+    f.backend.remove(&s.name, &s.files()).await.expect("remove");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn ensure_defined_refuses_a_foreign_domain_with_the_same_name() {
     let f = fixture().await;

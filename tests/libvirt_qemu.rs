@@ -13,6 +13,12 @@
 //! 3. only if neither exists: a firmware-only boot of a blank disk (QEMU runs, the console log
 //!    is created but stays quiet).
 //!
+//! A second test boots the busybox-tiny image (required under CI) for the consoles:
+//! `open_vnc` (RFB 3.8 handshake with security None, ServerInit, a full FramebufferUpdate) and
+//! `open_serial` (a shell round trip, FORCE re-attach ending the older session, the bridge
+//! threads ending when a session is dropped or the domain is destroyed), and `NotRunning` for a
+//! shut-off domain.
+//!
 //! Domains are named `vmhost-test-qemu-<pid>-…` and stamped with job `pid-<pid>`; leftovers of
 //! earlier runs whose process is gone are removed first. Nothing else is touched.
 
@@ -25,7 +31,9 @@ use std::time::{Duration, Instant};
 
 use common::{busybox_initramfs, host_kernel, make_base_image, spec, unique_name, wait_event};
 use vmhost::backend::libvirt::LibvirtBackend;
-use vmhost::backend::{Accel, BootMode, PowerState, StopCause, VmBackend, VmEvent, VmFiles};
+use vmhost::backend::{
+    Accel, BackendError, BootMode, PowerState, StopCause, VmBackend, VmEvent, VmFiles,
+};
 
 const URI: &str = "qemu:///system";
 const SOCKET: &str = "/var/run/libvirt/libvirt-sock";
@@ -272,4 +280,168 @@ async fn lifecycle(backend: LibvirtBackend, s: vmhost::backend::VmSpec, guest: G
         (owner.job_id.as_str(), owner.rank),
         (s.job_id.as_str(), s.rank)
     );
+}
+
+/// Whether the project's test image is here; fails instead of skipping where it must exist.
+fn test_image_available() -> bool {
+    let image = Path::new(TEST_IMAGE);
+    if image.join("vmlinuz").exists() && image.join("initrd.img").exists() {
+        return true;
+    }
+    let required = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false")
+        || std::env::var_os("VMHOST_REQUIRE_REAL_VM").is_some();
+    assert!(
+        !required,
+        "{TEST_IMAGE} is missing: run images/build-images.sh"
+    );
+    eprintln!("skipping the console test: {TEST_IMAGE} is not built");
+    false
+}
+
+/// Both bridge threads of every serial session of this process (see `threads_named`).
+fn serial_threads() -> usize {
+    common::threads_named("vmhost-con-rx") + common::threads_named("vmhost-con-tx")
+}
+
+/// Polls until the serial bridge threads are back to `count`; panics after `within`.
+async fn wait_serial_threads(count: usize, within: Duration) {
+    let deadline = Instant::now() + within;
+    while serial_threads() != count {
+        assert!(
+            Instant::now() < deadline,
+            "{} serial bridge threads, want {count}",
+            serial_threads()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn real_qemu_vnc_display_and_serial_console() {
+    if let Some(reason) = skip_reason() {
+        eprintln!("skipping the real-QEMU console test: {reason}");
+        return;
+    }
+    if !test_image_available() {
+        return;
+    }
+    common::init_tracing();
+    let t0 = Instant::now();
+    let dir = tempfile::Builder::new()
+        .prefix("vmhost-test-qemu-")
+        .tempdir()
+        .expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let backend = LibvirtBackend::connect(URI)
+        .await
+        .expect("connect to qemu:///system");
+    remove_leftovers(&backend).await;
+
+    let (kernel, initrd) = (dir.path().join("vmlinuz"), dir.path().join("initrd.img"));
+    std::fs::copy(Path::new(TEST_IMAGE).join("vmlinuz"), &kernel).expect("copy kernel");
+    std::fs::copy(Path::new(TEST_IMAGE).join("initrd.img"), &initrd).expect("copy initrd");
+    let boot = BootMode::Kernel {
+        kernel,
+        initrd,
+        cmdline: "console=ttyS0 panic=-1".to_owned(),
+    };
+    let base = dir.path().join("base.raw");
+    make_base_image(&base, 16);
+    let s = spec(dir.path(), &unique_name(PREFIX), &base, Accel::Tcg, boot);
+    let outcome = tokio::spawn(consoles(backend.clone(), s.clone())).await;
+    backend.remove(&s.name, &s.files()).await.expect("remove");
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+    eprintln!("real-QEMU console test took {:?}", t0.elapsed());
+}
+
+#[track_caller]
+fn assert_not_running(r: Result<vmhost::backend::ConsoleStream, BackendError>, name: &str) {
+    match r {
+        Err(BackendError::NotRunning { name: n }) => assert_eq!(n, name),
+        Err(e) => panic!("expected NotRunning, got {e:?}"),
+        Ok(_) => panic!("opened a console of a domain that is not running"),
+    }
+}
+
+/// Types `echo vmhost-serial-$((N*(N+1)))-ok` into the guest's shell and waits for the
+/// computed line, so the match is the shell's output, not the terminal's echo of the input.
+/// Retries a few times: the shell may still be starting right after the boot banner.
+async fn shell_round_trip(io: &mut vmhost::backend::ConsoleStream, n: u32) {
+    use tokio::io::AsyncWriteExt;
+
+    let command = format!("echo vmhost-serial-$(({n}*{}))-ok\n", n + 1);
+    let want = format!("vmhost-serial-{}-ok", n * (n + 1));
+    let mut last = String::new();
+    for _ in 0..4 {
+        io.write_all(command.as_bytes()).await.expect("type");
+        match common::read_until(io, &want, Duration::from_secs(10)).await {
+            Ok(_) => return,
+            Err(e) => last = e,
+        }
+    }
+    panic!("the guest shell never printed {want:?}: {last}");
+}
+
+async fn consoles(backend: LibvirtBackend, s: vmhost::backend::VmSpec) {
+    let step = Duration::from_secs(30);
+    let boot_wait = Duration::from_secs(120);
+    backend.ensure_defined(&s).await.expect("define");
+    assert_not_running(backend.open_vnc(&s.name).await, &s.name);
+    assert_not_running(backend.open_serial(&s.name).await, &s.name);
+
+    let t = Instant::now();
+    backend.start(&s.name).await.expect("start");
+    let mut vnc = backend.open_vnc(&s.name).await.expect("open_vnc");
+    let (w, h, desktop) =
+        tokio::time::timeout(step, common::rfb_none_handshake_and_update(&mut vnc))
+            .await
+            .expect("RFB handshake and update in time");
+    eprintln!(
+        "VNC: {w}x{h} {desktop:?}, first update {:?} after start",
+        t.elapsed()
+    );
+
+    wait_console(&s.console_log, Some("vmhost-tiny: booted"), boot_wait).await;
+    eprintln!("guest booted {:?} after start", t.elapsed());
+    let threads_before = serial_threads();
+    let t = Instant::now();
+    let mut first = backend.open_serial(&s.name).await.expect("open_serial");
+    // The typed line comes back as `$((6*7))`; only the shell's output contains `42`.
+    shell_round_trip(&mut first, 6).await;
+    eprintln!("serial round trip {:?}", t.elapsed());
+    assert_eq!(serial_threads(), threads_before + 2);
+
+    // FORCE: a second attach replaces the first, whose stream ends.
+    let t = Instant::now();
+    let mut second = backend
+        .open_serial(&s.name)
+        .await
+        .expect("second open_serial");
+    common::wait_closed(&mut first, step).await;
+    eprintln!(
+        "serial FORCE re-attach ended the first session after {:?}",
+        t.elapsed()
+    );
+    shell_round_trip(&mut second, 7).await;
+    drop(first);
+    wait_serial_threads(threads_before + 2, step).await;
+
+    // Dropping the caller's end ends the session and both of its threads.
+    drop(second);
+    wait_serial_threads(threads_before, step).await;
+
+    // Destroying the domain ends open consoles; new ones are refused.
+    let mut serial = backend
+        .open_serial(&s.name)
+        .await
+        .expect("third open_serial");
+    backend.destroy(&s.name).await.expect("destroy");
+    common::wait_closed(&mut vnc, step).await;
+    common::wait_closed(&mut serial, step).await;
+    drop(serial);
+    wait_serial_threads(threads_before, step).await;
+    assert_not_running(backend.open_vnc(&s.name).await, &s.name);
+    assert_not_running(backend.open_serial(&s.name).await, &s.name);
 }

@@ -3,12 +3,25 @@
 //! Used by component tests and by `backend = "fake"`. Domains boot instantly. Tests can
 //! inject failures and simulate what guests and operators do behind vmhost's back (a guest
 //! powering off, QEMU crashing, a domain being undefined).
+//!
+//! Consoles behave like libvirt's: only an active domain has them, a stop (or removal) ends
+//! every open session, several VNC viewers may be attached, and a new serial attach replaces
+//! the previous one. Each session is one end of a `tokio::io::duplex` pair; a task serves the
+//! other end:
+//! - VNC: a tiny RFB 3.8 server. It offers security type None, sends a 640x480 32 bpp
+//!   ServerInit named `vmhost-fake`, answers every FramebufferUpdateRequest with one 1x1 raw
+//!   rectangle, skips the other client messages by their sizes and closes on unknown ones;
+//! - serial: a fake guest that echoes every byte and answers a line `echo X` (ended by `\r` or
+//!   `\n`) with `X\r\n`.
 
-use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
 
 use super::{
     BackendError, ConsoleStream, DomainInfo, DomainOwner, HostInfo, PowerState, StopCause,
@@ -27,6 +40,9 @@ pub struct FakeDomain {
 pub struct FakeBackend {
     /// Guarded state; never held across an await.
     domains: Mutex<BTreeMap<String, FakeDomain>>,
+    /// Console sessions per domain name (entries are kept after the domain goes). Never held
+    /// across an await; when both are needed, `domains` is locked first.
+    consoles: Mutex<HashMap<String, FakeConsoles>>,
     failures: Mutex<Failures>,
     events: broadcast::Sender<VmEvent>,
     host: HostInfo,
@@ -43,6 +59,28 @@ struct Failures {
     /// Guests whose names contain one of these ignore the ACPI power button.
     ignore_acpi: Vec<String>,
 }
+
+/// The console sessions of one domain.
+#[derive(Debug, Default)]
+struct FakeConsoles {
+    /// Held by every session task of the current boot; cancelled (then replaced) when the
+    /// domain stops or goes away, which ends those sessions.
+    power: CancellationToken,
+    /// The current serial session (a child of `power`); cancelled when a new attach replaces it.
+    serial: Option<CancellationToken>,
+    /// One clone per live fake RFB server task: open VNC sessions are `strong_count - 1`.
+    vnc_live: Arc<()>,
+    /// One clone per live fake serial guest task.
+    serial_live: Arc<()>,
+}
+
+/// Size of each direction's buffer in a fake console's duplex pair.
+const CONSOLE_BUFFER: usize = 64 * 1024;
+/// The fake desktop's size and name.
+const FAKE_SCREEN: (u16, u16) = (640, 480);
+const FAKE_DESKTOP: &[u8] = b"vmhost-fake";
+/// The fake serial guest forgets a line longer than this.
+const MAX_LINE: usize = 4096;
 
 impl Default for FakeBackend {
     fn default() -> Self {
@@ -64,6 +102,7 @@ impl FakeBackend {
         let (events, _) = broadcast::channel(256);
         FakeBackend {
             domains: Mutex::new(BTreeMap::new()),
+            consoles: Mutex::new(HashMap::new()),
             failures: Mutex::new(Failures::default()),
             events,
             host,
@@ -72,6 +111,10 @@ impl FakeBackend {
 
     fn domains(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, FakeDomain>> {
         self.domains.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn consoles(&self) -> std::sync::MutexGuard<'_, HashMap<String, FakeConsoles>> {
+        self.consoles.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn failures(&self) -> std::sync::MutexGuard<'_, Failures> {
@@ -118,11 +161,89 @@ impl FakeBackend {
         );
     }
 
+    /// Open VNC sessions of `name` (fake RFB servers still serving a viewer).
+    pub fn vnc_sessions(&self, name: &str) -> usize {
+        self.consoles()
+            .get(name)
+            .map_or(0, |c| Arc::strong_count(&c.vnc_live) - 1)
+    }
+
+    /// Open serial sessions of `name` (at most one once a replaced session has ended).
+    pub fn serial_sessions(&self, name: &str) -> usize {
+        self.consoles()
+            .get(name)
+            .map_or(0, |c| Arc::strong_count(&c.serial_live) - 1)
+    }
+
+    /// Ends every console session of `name` (it stopped or went away).
+    fn end_consoles(&self, name: &str) {
+        if let Some(c) = self.consoles().get_mut(name) {
+            c.power.cancel();
+            c.power = CancellationToken::new();
+            c.serial = None;
+        }
+    }
+
+    /// Checks that `name` can have consoles, then starts a session task serving one end of a
+    /// new duplex pair with `serve` and returns the other end.
+    fn open_console<F, Fut>(
+        &self,
+        name: &str,
+        serial: bool,
+        serve: F,
+    ) -> Result<ConsoleStream, BackendError>
+    where
+        F: FnOnce(DuplexStream) -> Fut,
+        Fut: Future<Output = std::io::Result<()>> + Send + 'static,
+    {
+        self.check_available()?;
+        let domains = self.domains();
+        let d = domains.get(name).ok_or(BackendError::NoSuchDomain {
+            name: name.to_owned(),
+        })?;
+        // What libvirt calls active: there is a QEMU process.
+        let active = matches!(
+            d.state,
+            PowerState::Running | PowerState::Paused | PowerState::ShuttingDown
+        );
+        if !active {
+            return Err(BackendError::NotRunning {
+                name: name.to_owned(),
+            });
+        }
+        let mut consoles = self.consoles();
+        let c = consoles.entry(name.to_owned()).or_default();
+        let (token, live) = if serial {
+            // libvirt's FORCE: the new session replaces the current one.
+            let token = c.power.child_token();
+            if let Some(old) = c.serial.replace(token.clone()) {
+                old.cancel();
+            }
+            (token, c.serial_live.clone())
+        } else {
+            (c.power.clone(), c.vnc_live.clone())
+        };
+        let (caller, ours) = tokio::io::duplex(CONSOLE_BUFFER);
+        let session = serve(ours);
+        let domain = name.to_owned();
+        tokio::spawn(async move {
+            let _live = live;
+            tokio::select! {
+                () = token.cancelled() => {}
+                r = session => if let Err(e) = r {
+                    tracing::debug!(domain = %domain, error = %e, "fake console session failed");
+                },
+            }
+        });
+        Ok(Box::new(caller))
+    }
+
     /// The guest (or QEMU) stops on its own.
     pub fn simulate_stop(&self, name: &str, cause: StopCause) {
         if let Some(d) = self.domains().get_mut(name) {
             d.state = PowerState::ShutOff;
         }
+        self.end_consoles(name);
         let _ = self.events.send(VmEvent::Stopped {
             name: name.to_owned(),
             cause,
@@ -132,6 +253,7 @@ impl FakeBackend {
     /// The domain disappears without an event (as while vmhost was down).
     pub fn vanish_silently(&self, name: &str) {
         self.domains().remove(name);
+        self.end_consoles(name);
     }
 }
 
@@ -203,6 +325,7 @@ impl VmBackend for FakeBackend {
         d.shutdown_requests += 1;
         if !ignores && d.state == PowerState::Running {
             d.state = PowerState::ShutOff;
+            self.end_consoles(name);
             let _ = self.events.send(VmEvent::Stopped {
                 name: name.to_owned(),
                 cause: StopCause::GuestShutdown,
@@ -217,6 +340,7 @@ impl VmBackend for FakeBackend {
         if let Some(d) = domains.get_mut(name) {
             if d.state != PowerState::ShutOff {
                 d.state = PowerState::ShutOff;
+                self.end_consoles(name);
                 let _ = self.events.send(VmEvent::Stopped {
                     name: name.to_owned(),
                     cause: StopCause::Destroyed,
@@ -229,6 +353,7 @@ impl VmBackend for FakeBackend {
     async fn remove(&self, name: &str, _files: &VmFiles) -> Result<(), BackendError> {
         self.check_available()?;
         if self.domains().remove(name).is_some() {
+            self.end_consoles(name);
             let _ = self.events.send(VmEvent::Undefined {
                 name: name.to_owned(),
             });
@@ -264,15 +389,326 @@ impl VmBackend for FakeBackend {
         Ok(self.host)
     }
 
-    async fn open_vnc(&self, _name: &str) -> Result<ConsoleStream, BackendError> {
-        Err(BackendError::NotSupported { op: "open_vnc" })
+    async fn open_vnc(&self, name: &str) -> Result<ConsoleStream, BackendError> {
+        self.open_console(name, false, serve_rfb)
     }
 
-    async fn open_serial(&self, _name: &str) -> Result<ConsoleStream, BackendError> {
-        Err(BackendError::NotSupported { op: "open_serial" })
+    async fn open_serial(&self, name: &str) -> Result<ConsoleStream, BackendError> {
+        self.open_console(name, true, serve_serial)
     }
 
     fn subscribe(&self) -> broadcast::Receiver<VmEvent> {
         self.events.subscribe()
+    }
+}
+
+/// The fake RFB 3.8 server (see the module docs). Ends at the viewer's EOF.
+async fn serve_rfb(mut io: DuplexStream) -> std::io::Result<()> {
+    io.write_all(b"RFB 003.008\n").await?;
+    let mut version = [0u8; 12];
+    io.read_exact(&mut version).await?;
+    // One security type: None.
+    io.write_all(&[1, 1]).await?;
+    if io.read_u8().await? != 1 {
+        let reason = b"only security type None is offered";
+        io.write_u32(1).await?;
+        io.write_u32(reason.len().try_into().unwrap_or(u32::MAX))
+            .await?;
+        return io.write_all(reason).await;
+    }
+    io.write_u32(0).await?;
+    let _shared = io.read_u8().await?;
+    io.write_all(&server_init()).await?;
+    loop {
+        let message = match io.read_u8().await {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        match message {
+            // SetPixelFormat: 3 padding bytes and a 16-byte pixel format.
+            0 => skip(&mut io, 19).await?,
+            // SetEncodings: padding, a u16 count, then an i32 per encoding.
+            2 => {
+                skip(&mut io, 1).await?;
+                let count = io.read_u16().await?;
+                skip(&mut io, 4 * u64::from(count)).await?;
+            }
+            // FramebufferUpdateRequest: incremental flag and x, y, width, height.
+            3 => {
+                skip(&mut io, 9).await?;
+                io.write_all(&FRAMEBUFFER_UPDATE).await?;
+            }
+            // KeyEvent: down flag, 2 padding bytes, u32 keysym.
+            4 => skip(&mut io, 7).await?,
+            // PointerEvent: button mask, x, y.
+            5 => skip(&mut io, 5).await?,
+            // ClientCutText: 3 padding bytes, u32 length, text.
+            6 => {
+                skip(&mut io, 3).await?;
+                let len = io.read_u32().await?;
+                skip(&mut io, u64::from(len)).await?;
+            }
+            other => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("unknown RFB client message {other}"),
+                ))
+            }
+        }
+    }
+}
+
+/// ServerInit: size, a 32 bpp true-colour little-endian pixel format, the desktop name.
+fn server_init() -> Vec<u8> {
+    let (width, height) = FAKE_SCREEN;
+    let mut m = Vec::with_capacity(24 + FAKE_DESKTOP.len());
+    m.extend_from_slice(&width.to_be_bytes());
+    m.extend_from_slice(&height.to_be_bytes());
+    // bpp, depth, big-endian, true colour, red/green/blue max, red/green/blue shift, padding.
+    m.extend_from_slice(&[32, 24, 0, 1, 0, 255, 0, 255, 0, 255, 16, 8, 0, 0, 0, 0]);
+    let name_len = u32::try_from(FAKE_DESKTOP.len()).expect("a short constant");
+    m.extend_from_slice(&name_len.to_be_bytes());
+    m.extend_from_slice(FAKE_DESKTOP);
+    m
+}
+
+/// FramebufferUpdate with one raw 1x1 rectangle at (0, 0): type, padding, count 1, x, y,
+/// width, height, encoding 0 (raw), then one 32-bit pixel.
+const FRAMEBUFFER_UPDATE: [u8; 20] = [
+    0, 0, 0, 1, 0, 0, 0, 0, 0, 1, 0, 1, 0, 0, 0, 0, 0x20, 0x40, 0x80, 0,
+];
+
+/// Reads and drops exactly `n` bytes.
+async fn skip(io: &mut (impl AsyncRead + Unpin), n: u64) -> std::io::Result<()> {
+    let skipped = tokio::io::copy(&mut io.take(n), &mut tokio::io::sink()).await?;
+    if skipped < n {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
+}
+
+/// The fake serial guest (see the module docs). Ends at the caller's EOF.
+async fn serve_serial(mut io: DuplexStream) -> std::io::Result<()> {
+    let mut line = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        let n = io.read(&mut buf).await?;
+        let Some(input) = buf.get(..n).filter(|b| !b.is_empty()) else {
+            return Ok(());
+        };
+        io.write_all(input).await?;
+        for &b in input {
+            if b == b'\r' || b == b'\n' {
+                if let Some(text) = line.strip_prefix(b"echo ".as_slice()) {
+                    let mut reply = text.to_vec();
+                    reply.extend_from_slice(b"\r\n");
+                    io.write_all(&reply).await?;
+                }
+                line.clear();
+            } else if line.len() < MAX_LINE {
+                line.push(b);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::backend::{Accel, BootMode};
+
+    const WITHIN: Duration = Duration::from_secs(5);
+
+    fn spec(name: &str) -> VmSpec {
+        let dir = PathBuf::from("/nonexistent/vmhost-fake");
+        VmSpec {
+            name: name.to_owned(),
+            job_id: "job".to_owned(),
+            rank: 0,
+            agent_id: "agent".to_owned(),
+            vcpus: 1,
+            memory_mib: 256,
+            accel: Accel::Tcg,
+            boot: BootMode::Disk,
+            base_image: dir.join("base.qcow2"),
+            base_format: "qcow2".to_owned(),
+            overlay: dir.join("disk.qcow2"),
+            disk_gib: 1,
+            seed_path: dir.join("seed.img"),
+            seed_image: None,
+            console_log: dir.join("console.log"),
+            nics: Vec::new(),
+        }
+    }
+
+    async fn running(name: &str) -> FakeBackend {
+        let fake = FakeBackend::default();
+        fake.ensure_defined(&spec(name)).await.expect("define");
+        fake.start(name).await.expect("start");
+        fake
+    }
+
+    #[track_caller]
+    fn console_error(r: Result<ConsoleStream, BackendError>) -> BackendError {
+        match r {
+            Ok(_) => panic!("a console was opened"),
+            Err(e) => e,
+        }
+    }
+
+    /// Polls `count` until it returns `want`.
+    async fn wait_count(count: impl Fn() -> usize, want: usize) {
+        let wait = async {
+            while count() != want {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(WITHIN, wait)
+            .await
+            .unwrap_or_else(|_| panic!("session count stayed {}, want {want}", count()));
+    }
+
+    /// Reads until EOF and returns what came.
+    async fn read_to_end(io: &mut ConsoleStream) -> Vec<u8> {
+        let mut rest = Vec::new();
+        tokio::time::timeout(WITHIN, io.read_to_end(&mut rest))
+            .await
+            .expect("stream ends")
+            .expect("read");
+        rest
+    }
+
+    /// Reads exactly `n` bytes.
+    async fn read_n(io: &mut ConsoleStream, n: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; n];
+        tokio::time::timeout(WITHIN, io.read_exact(&mut buf))
+            .await
+            .expect("in time")
+            .expect("read");
+        buf
+    }
+
+    #[tokio::test]
+    async fn fake_vnc_speaks_rfb_3_8_with_security_none() {
+        let fake = running("vm").await;
+        let mut io = fake.open_vnc("vm").await.expect("open_vnc");
+        assert_eq!(read_n(&mut io, 12).await, b"RFB 003.008\n");
+        io.write_all(b"RFB 003.008\n").await.expect("version");
+        assert_eq!(read_n(&mut io, 2).await, [1, 1], "one type: None");
+        io.write_u8(1).await.expect("choose None");
+        assert_eq!(read_n(&mut io, 4).await, [0, 0, 0, 0], "SecurityResult OK");
+        io.write_u8(1).await.expect("ClientInit shared");
+
+        let init = read_n(&mut io, 24 + FAKE_DESKTOP.len()).await;
+        assert_eq!(init[..4], [0x02, 0x80, 0x01, 0xe0], "640x480");
+        assert_eq!(init[4], 32, "bits per pixel");
+        assert_eq!(init[20..24], [0, 0, 0, 11]);
+        assert_eq!(&init[24..], b"vmhost-fake");
+
+        // Messages the server must skip by their sizes, then an update request.
+        let mut messages = vec![0u8, 0, 0, 0];
+        messages.extend_from_slice(&[32, 24, 0, 1, 0, 255, 0, 255, 0, 255, 16, 8, 0, 0, 0, 0]);
+        messages.extend_from_slice(&[2, 0, 0, 2, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0x21]);
+        messages.extend_from_slice(&[4, 1, 0, 0, 0, 0, 0xff, 0x0d]);
+        messages.extend_from_slice(&[5, 0, 0, 10, 0, 20]);
+        messages.extend_from_slice(&[6, 0, 0, 0, 0, 0, 0, 3]);
+        messages.extend_from_slice(b"abc");
+        messages.extend_from_slice(&[3, 0, 0, 0, 0, 0, 0x02, 0x80, 0x01, 0xe0]);
+        io.write_all(&messages).await.expect("client messages");
+        let update = read_n(&mut io, 20).await;
+        assert_eq!(
+            update[..4],
+            [0, 0, 0, 1],
+            "FramebufferUpdate, one rectangle"
+        );
+        assert_eq!(update[4..12], [0, 0, 0, 0, 0, 1, 0, 1], "1x1 at 0,0");
+        assert_eq!(update[12..16], [0, 0, 0, 0], "raw encoding");
+
+        // An incremental request is answered the same way.
+        io.write_all(&[3, 1, 0, 0, 0, 0, 0, 1, 0, 1])
+            .await
+            .expect("request");
+        assert_eq!(read_n(&mut io, 20).await, update);
+
+        assert_eq!(fake.vnc_sessions("vm"), 1);
+        let second = fake.open_vnc("vm").await.expect("a second viewer");
+        assert_eq!(fake.vnc_sessions("vm"), 2, "viewers share the display");
+        drop(io);
+        drop(second);
+        wait_count(|| fake.vnc_sessions("vm"), 0).await;
+    }
+
+    #[tokio::test]
+    async fn fake_vnc_closes_on_an_unknown_message() {
+        let fake = running("vm").await;
+        let mut io = fake.open_vnc("vm").await.expect("open_vnc");
+        read_n(&mut io, 12).await;
+        io.write_all(b"RFB 003.008\n").await.expect("version");
+        read_n(&mut io, 2).await;
+        io.write_all(&[1, 1, 99])
+            .await
+            .expect("None, ClientInit, junk");
+        let rest = read_to_end(&mut io).await;
+        assert_eq!(
+            rest.len(),
+            4 + 24 + FAKE_DESKTOP.len(),
+            "result and ServerInit"
+        );
+        wait_count(|| fake.vnc_sessions("vm"), 0).await;
+    }
+
+    #[tokio::test]
+    async fn fake_serial_echoes_and_a_new_attach_replaces_the_old() {
+        let fake = running("vm").await;
+        let mut first = fake.open_serial("vm").await.expect("open_serial");
+        first.write_all(b"echo 42-ok\r").await.expect("type");
+        let want = b"echo 42-ok\r42-ok\r\n";
+        assert_eq!(read_n(&mut first, want.len()).await, want);
+        assert_eq!(fake.serial_sessions("vm"), 1);
+
+        let mut second = fake.open_serial("vm").await.expect("second attach");
+        assert!(
+            read_to_end(&mut first).await.is_empty(),
+            "first session ended"
+        );
+        second.write_all(b"ls\necho hi\n").await.expect("type");
+        let want = b"ls\necho hi\nhi\r\n";
+        assert_eq!(read_n(&mut second, want.len()).await, want);
+        wait_count(|| fake.serial_sessions("vm"), 1).await;
+        drop(second);
+        wait_count(|| fake.serial_sessions("vm"), 0).await;
+    }
+
+    #[tokio::test]
+    async fn consoles_need_a_running_domain_and_end_when_it_stops() {
+        let fake = running("vm").await;
+        let e = console_error(fake.open_vnc("absent").await);
+        assert!(matches!(e, BackendError::NoSuchDomain { .. }), "{e:?}");
+
+        let mut vnc = fake.open_vnc("vm").await.expect("open_vnc");
+        let mut serial = fake.open_serial("vm").await.expect("open_serial");
+        fake.destroy("vm").await.expect("destroy");
+        read_to_end(&mut vnc).await;
+        assert!(read_to_end(&mut serial).await.is_empty());
+        wait_count(|| fake.vnc_sessions("vm") + fake.serial_sessions("vm"), 0).await;
+        for r in [fake.open_vnc("vm").await, fake.open_serial("vm").await] {
+            let e = console_error(r);
+            assert!(
+                matches!(&e, BackendError::NotRunning { name } if name == "vm"),
+                "{e:?}"
+            );
+        }
+
+        // A new boot has consoles again; the guest powering off ends them too.
+        fake.start("vm").await.expect("start");
+        let mut serial = fake.open_serial("vm").await.expect("open_serial");
+        fake.simulate_stop("vm", StopCause::GuestShutdown);
+        assert!(read_to_end(&mut serial).await.is_empty());
     }
 }

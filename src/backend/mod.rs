@@ -190,6 +190,9 @@ pub enum BackendError {
     },
     #[error("domain {name} does not exist")]
     NoSuchDomain { name: String },
+    /// The domain exists but is not running, so it has no console to open.
+    #[error("domain {name} is not running")]
+    NotRunning { name: String },
     #[error("failed to prepare the disk of {name}")]
     Disk {
         name: String,

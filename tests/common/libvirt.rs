@@ -318,3 +318,117 @@ impl Drop for PrivateDaemon {
         self.kill();
     }
 }
+
+/// Client side of an RFB 3.8 session that expects security type None (what `open_vnc`
+/// promises): handshake, ClientInit (shared), then one full-screen FramebufferUpdateRequest.
+/// Returns the ServerInit `(width, height, name)` once a FramebufferUpdate header arrived.
+pub async fn rfb_none_handshake_and_update<S>(io: &mut S) -> (u16, u16, String)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let mut version = [0u8; 12];
+    io.read_exact(&mut version).await.expect("server version");
+    assert_eq!(&version, b"RFB 003.008\n");
+    io.write_all(b"RFB 003.008\n")
+        .await
+        .expect("client version");
+
+    let count = io.read_u8().await.expect("security type count");
+    assert!(count > 0, "the server refused the connection");
+    let mut types = vec![0u8; usize::from(count)];
+    io.read_exact(&mut types).await.expect("security types");
+    assert!(
+        types.contains(&1),
+        "security type None not offered: {types:?}"
+    );
+    io.write_u8(1).await.expect("choose None");
+    assert_eq!(io.read_u32().await.expect("security result"), 0);
+
+    io.write_u8(1).await.expect("ClientInit shared=1");
+    let width = io.read_u16().await.expect("width");
+    let height = io.read_u16().await.expect("height");
+    let mut pixel_format = [0u8; 16];
+    io.read_exact(&mut pixel_format)
+        .await
+        .expect("pixel format");
+    let name_len = io.read_u32().await.expect("name length");
+    let mut name = vec![0u8; usize::try_from(name_len).expect("small name")];
+    io.read_exact(&mut name).await.expect("name");
+    assert!(
+        width > 0 && height > 0,
+        "empty framebuffer {width}x{height}"
+    );
+
+    // FramebufferUpdateRequest: type 3, incremental 0, x 0, y 0, width, height.
+    let mut request = vec![3u8, 0, 0, 0, 0, 0];
+    request.extend_from_slice(&width.to_be_bytes());
+    request.extend_from_slice(&height.to_be_bytes());
+    io.write_all(&request).await.expect("update request");
+    let message_type = io.read_u8().await.expect("server message type");
+    assert_eq!(message_type, 0, "expected a FramebufferUpdate");
+    let _padding = io.read_u8().await.expect("padding");
+    let rects = io.read_u16().await.expect("rectangle count");
+    assert!(rects > 0, "a full update has at least one rectangle");
+    (width, height, String::from_utf8_lossy(&name).into_owned())
+}
+
+/// Reads from `io` until the output contains `needle`; returns everything read, or what went
+/// wrong (end of stream, an error, `within` passed) with the output so far.
+pub async fn read_until<S>(io: &mut S, needle: &str, within: Duration) -> Result<String, String>
+where
+    S: tokio::io::AsyncRead + Unpin,
+{
+    use tokio::io::AsyncReadExt;
+
+    let mut out = Vec::new();
+    let read = async {
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = io.read(&mut buf).await.map_err(|e| format!("read: {e}"))?;
+            if n == 0 {
+                return Err(format!("console ended before {needle:?}"));
+            }
+            out.extend_from_slice(&buf[..n]);
+            if String::from_utf8_lossy(&out).contains(needle) {
+                return Ok(());
+            }
+        }
+    };
+    let result = tokio::time::timeout(within, read)
+        .await
+        .unwrap_or_else(|_| Err(format!("no {needle:?} within {within:?}")));
+    let text = String::from_utf8_lossy(&out).into_owned();
+    match result {
+        Ok(()) => Ok(text),
+        Err(e) => Err(format!("{e}: {text}")),
+    }
+}
+
+/// Reads and discards until `io` ends (EOF or a reset); panics after `within`.
+pub async fn wait_closed<S>(io: &mut S, within: Duration)
+where
+    S: tokio::io::AsyncRead + Unpin,
+{
+    use tokio::io::AsyncReadExt;
+
+    let drain = async {
+        let mut buf = [0u8; 4096];
+        while matches!(io.read(&mut buf).await, Ok(n) if n > 0) {}
+    };
+    tokio::time::timeout(within, drain)
+        .await
+        .unwrap_or_else(|_| panic!("stream still open after {within:?}"));
+}
+
+/// Threads of this process whose name is `name` (from `/proc/self/task/*/comm`).
+pub fn threads_named(name: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .expect("read /proc/self/task")
+        .filter_map(Result::ok)
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == name)
+        })
+        .count()
+}

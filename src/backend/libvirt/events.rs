@@ -8,7 +8,7 @@
 //!   flag so the backend reconnects on its next call. Dropping a [`Registrations`] deregisters
 //!   everything (on a short-lived thread, as deregistration is an RPC).
 //!
-//! This is the only file of the crate allowed to use `unsafe`.
+//! Besides `console::socket_from_fd`, this is the only code of the crate allowed to use `unsafe`.
 #![allow(unsafe_code)]
 
 use std::ffi::CStr;
