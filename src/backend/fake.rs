@@ -34,6 +34,8 @@ pub struct FakeDomain {
     pub state: PowerState,
     /// How often the guest was asked to power off via ACPI.
     pub shutdown_requests: u32,
+    /// Why it last stopped, as libvirt would record it.
+    pub stop_cause: Option<StopCause>,
 }
 
 #[derive(Debug)]
@@ -157,6 +159,7 @@ impl FakeBackend {
                 spec,
                 state,
                 shutdown_requests: 0,
+                stop_cause: None,
             },
         );
     }
@@ -242,6 +245,7 @@ impl FakeBackend {
     pub fn simulate_stop(&self, name: &str, cause: StopCause) {
         if let Some(d) = self.domains().get_mut(name) {
             d.state = PowerState::ShutOff;
+            d.stop_cause = Some(cause);
         }
         self.end_consoles(name);
         let _ = self.events.send(VmEvent::Stopped {
@@ -279,6 +283,7 @@ impl VmBackend for FakeBackend {
                 spec: spec.clone(),
                 state: PowerState::ShutOff,
                 shutdown_requests: 0,
+                stop_cause: None,
             });
         Ok(())
     }
@@ -364,6 +369,13 @@ impl VmBackend for FakeBackend {
     async fn state(&self, name: &str) -> Result<Option<PowerState>, BackendError> {
         self.check_available()?;
         Ok(self.domains().get(name).map(|d| d.state))
+    }
+
+    async fn stop_cause(&self, name: &str) -> Result<Option<StopCause>, BackendError> {
+        self.check_available()?;
+        let domains = self.domains();
+        let stopped = domains.get(name).filter(|d| d.state == PowerState::ShutOff);
+        Ok(stopped.map(|d| d.stop_cause.unwrap_or(StopCause::Other)))
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<DomainInfo>, BackendError> {

@@ -233,6 +233,10 @@ pub trait VmBackend: Send + Sync + 'static {
     async fn remove(&self, name: &str, files: &VmFiles) -> Result<(), BackendError>;
     /// Current power state, `None` when the domain does not exist.
     async fn state(&self, name: &str) -> Result<Option<PowerState>, BackendError>;
+    /// Why a shut-off domain stopped, as the hypervisor recorded it; `None` if it is not shut
+    /// off (or does not exist). Lets a periodic sync tell a guest power-off from a crash even
+    /// when the event was missed.
+    async fn stop_cause(&self, name: &str) -> Result<Option<StopCause>, BackendError>;
     /// Every domain on the host whose name starts with `prefix`.
     async fn list(&self, prefix: &str) -> Result<Vec<DomainInfo>, BackendError>;
     /// Host capacity; also a liveness probe of the hypervisor connection.

@@ -275,13 +275,18 @@ async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
 /// The job event a hypervisor event means for a running job, if any.
 fn classify(event: &VmEvent) -> Option<JobEvent> {
     match event {
-        VmEvent::Stopped { cause, .. } => Some(JobEvent::Stopped(match cause {
-            StopCause::GuestShutdown => StopKind::FromInside,
-            StopCause::Destroyed => StopKind::FromHost,
-            StopCause::Crashed | StopCause::Other => StopKind::Crashed,
-        })),
+        VmEvent::Stopped { cause, .. } => Some(JobEvent::Stopped(stop_kind(*cause))),
         VmEvent::Undefined { .. } => Some(JobEvent::Vanished),
         VmEvent::Started { .. } | VmEvent::Rebooted { .. } => None,
+    }
+}
+
+/// What a hypervisor-reported stop means for the job.
+fn stop_kind(cause: StopCause) -> StopKind {
+    match cause {
+        StopCause::GuestShutdown => StopKind::FromInside,
+        StopCause::Destroyed => StopKind::FromHost,
+        StopCause::Crashed | StopCause::Other => StopKind::Crashed,
     }
 }
 
@@ -291,7 +296,10 @@ async fn sync_power_state(ctx: &Inner, job: &JobRecord) -> Result<Option<JobEven
         match ctx.deps.backend.state(&vm.domain).await {
             Ok(None) => return Ok(Some(JobEvent::Vanished)),
             Ok(Some(PowerState::ShutOff)) => {
-                return Ok(Some(JobEvent::Stopped(StopKind::FromHost)))
+                // The event may have been missed (or not processed yet): ask libvirt why.
+                let cause = ctx.deps.backend.stop_cause(&vm.domain).await.ok().flatten();
+                let kind = cause.map_or(StopKind::FromHost, stop_kind);
+                return Ok(Some(JobEvent::Stopped(kind)));
             }
             Ok(Some(PowerState::Crashed)) => return Ok(Some(JobEvent::Stopped(StopKind::Crashed))),
             Ok(Some(_)) => {}

@@ -43,7 +43,7 @@ use virt::error::{Error as VirtError, ErrorNumber};
 
 use crate::backend::{
     BackendError, BootMode, ConsoleStream, DomainInfo, DomainOwner, HostInfo, PowerState,
-    VmBackend, VmEvent, VmFiles, VmSpec,
+    StopCause, VmBackend, VmEvent, VmFiles, VmSpec,
 };
 
 /// Maximum number of libvirt calls in flight (each holds a blocking-pool thread).
@@ -520,6 +520,13 @@ impl VmBackend for LibvirtBackend {
         let n = name.to_owned();
         self.inner
             .call("get state", name, move |c| ops::state(c, &n))
+            .await
+    }
+
+    async fn stop_cause(&self, name: &str) -> Result<Option<StopCause>, BackendError> {
+        let n = name.to_owned();
+        self.inner
+            .call("get stop cause", name, move |c| ops::stop_cause(c, &n))
             .await
     }
 

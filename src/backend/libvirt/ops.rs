@@ -6,13 +6,13 @@
 //! between lookup and action) and the flags some drivers refuse.
 
 use virt::connect::Connect;
-use virt::domain::{Domain, DomainState};
+use virt::domain::{Domain, DomainShutoffReason, DomainState, DomainStateReason};
 use virt::enumutil::Enum;
 use virt::error::{Error as VirtError, ErrorDomain, ErrorNumber};
 use virt::sys;
 
 use super::domain_xml;
-use crate::backend::{DomainInfo, PowerState};
+use crate::backend::{DomainInfo, PowerState, StopCause};
 
 /// The connection itself failed (daemon gone, broken RPC): the caller should reconnect.
 pub(super) fn is_connection_error(e: &VirtError) -> bool {
@@ -135,6 +135,27 @@ pub(super) fn state(c: &Connect, name: &str) -> Result<Option<PowerState>, VirtE
         Some(d) => Ok(Some(power_state(d.info()?.state))),
         None => Ok(None),
     }
+}
+
+/// libvirt's recorded reason for a shut-off domain.
+pub(super) fn stop_cause(c: &Connect, name: &str) -> Result<Option<StopCause>, VirtError> {
+    let Some(d) = lookup(c, name)? else {
+        return Ok(None);
+    };
+    // `state()` swallows errors (virt 0.5.0), so ask `info()` first: it reports them.
+    if power_state(d.info()?.state) != PowerState::ShutOff {
+        return Ok(None);
+    }
+    let (_, reason) = d.state()?;
+    Ok(Some(match reason {
+        Enum::Known(DomainStateReason::Shutoff(Enum::Known(r))) => match r {
+            DomainShutoffReason::Shutdown => StopCause::GuestShutdown,
+            DomainShutoffReason::Destroyed => StopCause::Destroyed,
+            DomainShutoffReason::Crashed | DomainShutoffReason::Failed => StopCause::Crashed,
+            _ => StopCause::Other,
+        },
+        _ => StopCause::Other,
+    }))
 }
 
 /// Active and inactive domains whose name starts with `prefix`, sorted by name.
