@@ -69,6 +69,8 @@ impl TestDaemon {
         backend: Arc<dyn VmBackend>,
         accel: Accel,
     ) -> TestDaemon {
+        // Logs show up in a failing test's output (RUST_LOG filters them).
+        vmhost::telemetry::init();
         let fake = Arc::new(FakeBackend::default());
         let daemon = vmhost::server::build_with(config.clone(), backend, accel)
             .await

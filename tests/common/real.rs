@@ -60,9 +60,17 @@ pub fn domains_with_prefix(prefix: &str) -> Vec<String> {
         .collect()
 }
 
-/// Removes domains a previous, interrupted run of the same test left behind.
+/// Removes domains that an interrupted earlier run of the same test left behind: those whose
+/// test process is gone. Domains of a run still in progress (another checkout testing at the
+/// same time) are left alone.
 pub fn remove_leftovers(prefix: &str) {
-    for name in domains_with_prefix(prefix) {
+    let family = prefix.rsplit_once("-p").map_or(prefix, |(family, _)| family);
+    for name in domains_with_prefix(&format!("{family}-p")) {
+        let pid = name[family.len() + 2..].split('-').next().unwrap_or_default();
+        let alive = !pid.is_empty() && Path::new("/proc").join(pid).exists();
+        if alive {
+            continue;
+        }
         let virsh = |args: &[&str]| {
             let _ = std::process::Command::new("virsh")
                 .args(["-c", "qemu:///system"])
@@ -93,8 +101,8 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// A stable, recognisable prefix for one test's domains, so a rerun can clean up after an
-/// interrupted one without touching anything else.
+/// A recognisable prefix for one test's domains: the test's name and this process's id, so
+/// concurrent runs never touch each other's domains and a rerun can find a dead run's leftovers.
 pub fn prefix(test: &str) -> String {
-    format!("vmhost-e2e-{test}")
+    format!("vmhost-e2e-{test}-p{}", std::process::id())
 }
