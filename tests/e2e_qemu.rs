@@ -471,17 +471,38 @@ async fn a_power_off_by_the_guest_is_reported_as_from_inside() {
     let domain = format!("{prefix}-{id}-0");
     let console_log = dir.path().join("vms").join(&domain).join("console.log");
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !std::fs::read_to_string(&console_log).unwrap_or_default().contains("vmhost-tiny: booted") {
+    while !std::fs::read_to_string(&console_log)
+        .unwrap_or_default()
+        .contains("vmhost-tiny: booted")
+    {
         assert!(Instant::now() < deadline, "the tiny guest never booted");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // The ACPI button pressed behind vmhost's back: the guest's acpid powers it off itself.
-    let out = Command::new("virsh").args(["-c", "qemu:///system", "shutdown", "--mode", "acpi", &domain]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("virsh")
+        .args([
+            "-c",
+            "qemu:///system",
+            "shutdown",
+            "--mode",
+            "acpi",
+            &domain,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let job = d.wait_state(&id, "SUSPENDED", 60).await;
-    let status = job["updates"].as_array().unwrap().last().unwrap()["status"].as_str().unwrap().to_owned();
+    let status = job["updates"].as_array().unwrap().last().unwrap()["status"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     assert_eq!(status, "The virtual machine was powered off from inside");
-    d.post("/api/jobs/terminate", json!({ "items": [{ "id": id }] })).await;
+    d.post("/api/jobs/terminate", json!({ "items": [{ "id": id }] }))
+        .await;
     d.wait_state(&id, "SUCCESS", 60).await;
     assert!(real::domains_with_prefix(&prefix).is_empty());
 }

@@ -64,9 +64,14 @@ pub fn domains_with_prefix(prefix: &str) -> Vec<String> {
 /// test process is gone. Domains of a run still in progress (another checkout testing at the
 /// same time) are left alone.
 pub fn remove_leftovers(prefix: &str) {
-    let family = prefix.rsplit_once("-p").map_or(prefix, |(family, _)| family);
+    let family = prefix
+        .rsplit_once("-p")
+        .map_or(prefix, |(family, _)| family);
     for name in domains_with_prefix(&format!("{family}-p")) {
-        let pid = name[family.len() + 2..].split('-').next().unwrap_or_default();
+        let pid = name[family.len() + 2..]
+            .split('-')
+            .next()
+            .unwrap_or_default();
         let alive = !pid.is_empty() && Path::new("/proc").join(pid).exists();
         if alive {
             continue;
