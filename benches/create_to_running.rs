@@ -3,8 +3,10 @@
 //! Needs libvirtd and the busybox-tiny image (`images/build-images.sh`); prints figures and a
 //! ratio. Run: `cargo bench --bench create_to_running` (as root). `BENCH_RUNS` sets the count.
 
+mod common;
+
 use std::path::Path;
-use std::process::Command;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,29 +17,6 @@ use vmhost::config::{BackendKind, Config, UserConfig};
 
 const TOKEN: &str = "bench-token-0123";
 const PREFIX: &str = "vmhost-bench-ctr";
-
-fn virsh(args: &[&str]) -> std::process::Output {
-    Command::new("virsh")
-        .args(["-c", "qemu:///system"])
-        .args(args)
-        .output()
-        .expect("virsh runs")
-}
-
-fn stats(name: &str, samples: &mut [Duration]) -> f64 {
-    samples.sort();
-    let mean = samples.iter().sum::<Duration>().as_secs_f64() / samples.len() as f64;
-    let median = samples[samples.len() / 2].as_secs_f64();
-    println!(
-        "{name:<28} n={:<3} median {:>7.1} ms  mean {:>7.1} ms  min {:>7.1} ms  max {:>7.1} ms",
-        samples.len(),
-        median * 1e3,
-        mean * 1e3,
-        samples[0].as_secs_f64() * 1e3,
-        samples[samples.len() - 1].as_secs_f64() * 1e3
-    );
-    median
-}
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
@@ -50,10 +29,11 @@ async fn main() {
         .ok()
         .and_then(|r| r.parse().ok())
         .unwrap_or(8);
-    for name in String::from_utf8_lossy(&virsh(&["list", "--all", "--name"]).stdout).lines() {
+    for name in String::from_utf8_lossy(&common::virsh(&["list", "--all", "--name"]).stdout).lines()
+    {
         if name.starts_with(PREFIX) {
-            virsh(&["destroy", name]);
-            virsh(&["undefine", name]);
+            common::virsh(&["destroy", name]);
+            common::virsh(&["undefine", name]);
         }
     }
     let dir = tempfile::Builder::new()
@@ -115,50 +95,10 @@ async fn main() {
 
         // The floor: the very XML vmhost defined, on fresh copies of its files, via virsh.
         let domain = format!("{PREFIX}-{id}-0");
-        let xml = String::from_utf8(virsh(&["dumpxml", &domain]).stdout).unwrap();
+        let xml = String::from_utf8(common::virsh(&["dumpxml", &domain]).stdout).unwrap();
         let vm_dir = dir.path().join("vms").join(&domain);
         let floor_dir = dir.path().join(format!("floor-{i}"));
-        std::fs::create_dir_all(&floor_dir).unwrap();
-        std::fs::set_permissions(
-            &floor_dir,
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .unwrap();
-        let info = Command::new("qemu-img")
-            .args(["info", "-U", "--output=json"])
-            .arg(vm_dir.join("disk.qcow2"))
-            .output()
-            .unwrap();
-        let info: Value = serde_json::from_slice(&info.stdout).unwrap();
-        let backing = info["full-backing-filename"]
-            .as_str()
-            .or(info["backing-filename"].as_str())
-            .unwrap()
-            .to_owned();
-        let backing_fmt = info["backing-filename-format"]
-            .as_str()
-            .unwrap_or("raw")
-            .to_owned();
-        let size = info["virtual-size"].as_u64().unwrap().to_string();
-        let status = Command::new("qemu-img")
-            .args([
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-F",
-                &backing_fmt,
-                "-b",
-                &backing,
-            ])
-            .arg(floor_dir.join("disk.qcow2"))
-            .arg(&size)
-            .status()
-            .unwrap();
-        assert!(status.success());
-        if vm_dir.join("seed.img").exists() {
-            std::fs::copy(vm_dir.join("seed.img"), floor_dir.join("seed.img")).unwrap();
-        }
+        common::prepare_floor(&vm_dir, &floor_dir).unwrap();
         let floor_name = format!("{PREFIX}-floor-{i}");
         let floor_xml: String = xml
             .lines()
@@ -179,14 +119,14 @@ async fn main() {
         )
         .await;
         let t0 = Instant::now();
-        let out = virsh(&["create", xml_path.to_str().unwrap()]);
+        let out = common::virsh(&["create", xml_path.to_str().unwrap()]);
         floor_samples.push(t0.elapsed());
         assert!(
             out.status.success(),
             "virsh create: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        virsh(&["destroy", &floor_name]);
+        common::virsh(&["destroy", &floor_name]);
         std::fs::remove_dir_all(&floor_dir).unwrap();
         loop {
             let job = call("GET", &format!("/api/jobs/retrieve?id={id}"), None).await;
@@ -197,7 +137,7 @@ async fn main() {
         }
     }
     println!("create request to RUNNING, busybox-tiny under TCG, {runs} runs");
-    let ours = stats("vmhost POST -> RUNNING", &mut vmhost_samples);
-    let floor = stats("virsh create (floor)", &mut floor_samples);
+    let ours = common::stats("vmhost POST -> RUNNING", &mut vmhost_samples);
+    let floor = common::stats("virsh create (floor)", &mut floor_samples);
     println!("ratio vmhost / virsh create (medians): {:.2}", ours / floor);
 }

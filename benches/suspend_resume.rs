@@ -12,8 +12,10 @@
 //! Needs libvirtd and the busybox-tiny image (`images/build-images.sh`); prints figures and two
 //! ratios. Run: `cargo bench --bench suspend_resume` (as root). `BENCH_RUNS` sets the count.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,16 +36,8 @@ const PATIENCE: Duration = Duration::from_secs(120);
 /// which may not have opened the input device yet (a press then is lost). Same for both sides.
 const SETTLE: Duration = Duration::from_millis(500);
 
-fn virsh(args: &[&str]) -> std::process::Output {
-    Command::new("virsh")
-        .args(["-c", "qemu:///system"])
-        .args(args)
-        .output()
-        .expect("virsh runs")
-}
-
 fn virsh_ok(args: &[&str]) -> anyhow::Result<String> {
-    let out = virsh(args);
+    let out = common::virsh(args);
     ensure!(
         out.status.success(),
         "virsh {}: {}",
@@ -54,23 +48,20 @@ fn virsh_ok(args: &[&str]) -> anyhow::Result<String> {
 }
 
 fn domstate(name: &str) -> String {
-    String::from_utf8_lossy(&virsh(&["domstate", name]).stdout)
+    String::from_utf8_lossy(&common::virsh(&["domstate", name]).stdout)
         .trim()
         .to_owned()
 }
 
 /// Destroys and undefines every domain with the bench's prefix.
 fn remove_leftover_domains() {
-    for name in String::from_utf8_lossy(&virsh(&["list", "--all", "--name"]).stdout).lines() {
+    for name in String::from_utf8_lossy(&common::virsh(&["list", "--all", "--name"]).stdout).lines()
+    {
         if name.starts_with(PREFIX) {
-            virsh(&["destroy", name]);
-            virsh(&["undefine", name]);
+            common::virsh(&["destroy", name]);
+            common::virsh(&["undefine", name]);
         }
     }
-}
-
-fn chmod_755(path: &Path) -> std::io::Result<()> {
-    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
 }
 
 fn count(log: &Path, line: &str) -> usize {
@@ -92,19 +83,6 @@ async fn wait_for_banner(log: &Path, want: usize) -> anyhow::Result<()> {
     }
     tokio::time::sleep(SETTLE).await;
     Ok(())
-}
-
-fn stats(name: &str, samples: &mut [Duration]) -> f64 {
-    samples.sort();
-    let median = samples[samples.len() / 2].as_secs_f64();
-    println!(
-        "{name:<36} n={:<3} median {:>7.1} ms  min {:>7.1} ms  max {:>7.1} ms",
-        samples.len(),
-        median * 1e3,
-        samples[0].as_secs_f64() * 1e3,
-        samples[samples.len() - 1].as_secs_f64() * 1e3
-    );
-    median
 }
 
 #[derive(Default)]
@@ -141,7 +119,7 @@ async fn main() -> anyhow::Result<()> {
     let dir = tempfile::Builder::new()
         .prefix("vmhost-bench-sr-")
         .tempdir_in("/var/tmp")?;
-    chmod_755(dir.path())?;
+    common::chmod_755(dir.path())?;
     let mut samples = Samples::default();
     let outcome = bench(dir.path(), runs, &mut samples).await;
     // Whatever happened: no domain of the bench survives it (the tempdir goes on drop).
@@ -149,13 +127,13 @@ async fn main() -> anyhow::Result<()> {
     outcome?;
 
     println!("suspend and unsuspend, busybox-tiny under TCG, {runs} runs");
-    let suspend = stats("vmhost suspend (request->SUSPENDED)", &mut samples.suspend);
-    let shutdown = stats("virsh shutdown (->shut off)", &mut samples.shutdown);
-    let unsuspend = stats(
+    let suspend = common::stats("vmhost suspend (request->SUSPENDED)", &mut samples.suspend);
+    let shutdown = common::stats("virsh shutdown (->shut off)", &mut samples.shutdown);
+    let unsuspend = common::stats(
         "vmhost unsuspend (request->RUNNING)",
         &mut samples.unsuspend,
     );
-    let start = stats("virsh start", &mut samples.start);
+    let start = common::stats("virsh start", &mut samples.start);
     println!(
         "ratio vmhost suspend / virsh shutdown (medians): {:.2}",
         suspend / shutdown
@@ -265,7 +243,7 @@ async fn bench(dir: &Path, runs: usize, samples: &mut Samples) -> anyhow::Result
         let xml = virsh_ok(&["dumpxml", "--inactive", &domain])?;
         let floor_dir = dir.join(format!("floor-{i}"));
         let floor_name = format!("{PREFIX}-floor-{i}");
-        prepare_floor(&vm_dir, &floor_dir)?;
+        common::prepare_floor(&vm_dir, &floor_dir)?;
         let floor_xml: String = xml
             .lines()
             .filter(|l| !l.trim_start().starts_with("<uuid>"))
@@ -286,8 +264,8 @@ async fn bench(dir: &Path, runs: usize, samples: &mut Samples) -> anyhow::Result
         wait_state(id.clone(), "SUCCESS").await?;
 
         let floor = floor_run(&floor_name, &floor_dir, &xml_path, samples).await;
-        virsh(&["destroy", &floor_name]);
-        virsh(&["undefine", &floor_name]);
+        common::virsh(&["destroy", &floor_name]);
+        common::virsh(&["undefine", &floor_name]);
         std::fs::remove_dir_all(&floor_dir)?;
         floor?;
         eprintln!(
@@ -298,45 +276,6 @@ async fn bench(dir: &Path, runs: usize, samples: &mut Samples) -> anyhow::Result
             samples.unsuspend[i],
             samples.start[i]
         );
-    }
-    Ok(())
-}
-
-/// A fresh overlay on the job's backing image (and a copy of its seed, if any) in `floor_dir`.
-fn prepare_floor(vm_dir: &Path, floor_dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(floor_dir)?;
-    chmod_755(floor_dir)?;
-    let info = Command::new("qemu-img")
-        .args(["info", "-U", "--output=json"])
-        .arg(vm_dir.join("disk.qcow2"))
-        .output()?;
-    let info: Value = serde_json::from_slice(&info.stdout).context("qemu-img info")?;
-    let backing = info["full-backing-filename"]
-        .as_str()
-        .or(info["backing-filename"].as_str())
-        .with_context(|| format!("no backing file in {info}"))?;
-    let backing_fmt = info["backing-filename-format"].as_str().unwrap_or("raw");
-    let size = info["virtual-size"]
-        .as_u64()
-        .context("no virtual size")?
-        .to_string();
-    let status = Command::new("qemu-img")
-        .args([
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            backing_fmt,
-            "-b",
-            backing,
-        ])
-        .arg(floor_dir.join("disk.qcow2"))
-        .arg(&size)
-        .status()?;
-    ensure!(status.success(), "qemu-img create failed");
-    if vm_dir.join("seed.img").exists() {
-        std::fs::copy(vm_dir.join("seed.img"), floor_dir.join("seed.img"))?;
     }
     Ok(())
 }
@@ -364,7 +303,7 @@ async fn floor_run(
         // the guest did not react (libvirt's teardown after the guest's power-off takes > 1 s).
         if pressed.elapsed() >= Duration::from_secs(1) && count(&log, POWERING_OFF) == 0 {
             samples.floor_repeats += 1;
-            virsh(&["shutdown", "--mode", "acpi", name]);
+            common::virsh(&["shutdown", "--mode", "acpi", name]);
             pressed = Instant::now();
         }
         std::thread::sleep(Duration::from_millis(10));
