@@ -17,6 +17,7 @@ pub mod backend;
 pub mod client;
 pub mod cloud_init;
 pub mod config;
+pub mod console;
 pub mod images;
 pub mod jobs;
 pub mod server;

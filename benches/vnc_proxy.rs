@@ -1,0 +1,705 @@
+//! Console proxy: vmhost's WebSocket pump beside websockify, both in front of the same TCP
+//! upstream, with the upstream read directly as the baseline. All traffic stays on 127.0.0.1.
+//!
+//! - **Upstream**: a TCP server in the bench process. A connection's first byte picks its
+//!   mode: `S` + a big-endian u64 `n` sends `n` bytes in 64 KiB writes, then closes; `E`
+//!   echoes everything.
+//! - **vmhost**: a minimal axum app whose WebSocket route (`console::configure_upgrade`)
+//!   connects to the upstream (TCP_NODELAY) and runs `console::proxy` with the production
+//!   defaults. It runs as a child process of the bench (the bench binary re-executed with
+//!   `VNC_PROXY_BENCH_SERVE` set) on a single-threaded runtime, as websockify runs in its own
+//!   single-threaded process; the targets are judged on it, and its CPU time and memory are
+//!   its own. The same app also runs inside the bench's two-worker runtime, beside the
+//!   clients and the upstream, for comparison.
+//! - **websockify**: `python3 -m websockify` (it forks a process per connection), a child of
+//!   the bench, killed at the end.
+//! - **Client**: tokio-tungstenite with its defaults and TCP_NODELAY, for every path.
+//!
+//! Measured: (a) throughput upstream → client of `BENCH_MIB` MiB (default 256), median of 3
+//! interleaved runs, with CPU seconds per GiB of everything and of the proxy alone; (b) the
+//! same read straight from the upstream socket; (c) `BENCH_ROUNDS` (default 1000) round trips
+//! of 64 bytes after 100 warm-up rounds, median and p99, with the proxy's CPU per round trip;
+//! (d) `BENCH_SESSIONS` (default 500) concurrent sessions through vmhost, each echoing a few
+//! messages and then holding its session open until all are up; memory of the bench process
+//! (clients and upstream; RSS) and of the proxy (PSS) before, at the peak and after. The same
+//! for `BENCH_WSFY_SESSIONS` (default 50: one Python process each) sessions through websockify.
+//!
+//! Needs websockify (`pip install websockify`); without it the websockify figures are skipped.
+//! Run: `cargo bench --bench vnc_proxy`.
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context};
+use axum::extract::ws::WebSocketUpgrade;
+use axum::routing::get;
+use axum::serve::ListenerExt;
+use axum::Router;
+use futures::{SinkExt, StreamExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Barrier;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use vmhost::console::{configure_upgrade, proxy, ProxyConfig, SessionKind, StopSignal, WsAdapter};
+
+const CHUNK: usize = 64 * 1024;
+const ECHO_BYTES: usize = 64;
+const WARMUP_ROUNDS: usize = 100;
+const ECHOES_PER_SESSION: usize = 5;
+const RUNS: usize = 3;
+/// Set in the environment of the re-executed bench binary that serves vmhost's proxy.
+const SERVE_ENV: &str = "VNC_PROXY_BENCH_SERVE";
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The upstream
+
+async fn upstream_server(listener: TcpListener) {
+    while let Ok((stream, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            let _ = upstream_connection(stream).await;
+        });
+    }
+}
+
+async fn upstream_connection(mut stream: TcpStream) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    let mut mode = [0u8; 1];
+    stream.read_exact(&mut mode).await?;
+    match mode[0] {
+        b'S' => {
+            let total = stream.read_u64().await?;
+            let chunk = vec![0xA5u8; CHUNK];
+            let mut left = total;
+            while left > 0 {
+                let n = left.min(CHUNK as u64) as usize;
+                stream.write_all(&chunk[..n]).await?;
+                left -= n as u64;
+            }
+            stream.shutdown().await
+        }
+        b'E' => {
+            let (mut r, mut w) = stream.split();
+            tokio::io::copy(&mut r, &mut w).await.map(|_| ())
+        }
+        _ => Ok(()),
+    }
+}
+
+fn source_command(bytes: u64) -> Vec<u8> {
+    let mut cmd = vec![b'S'];
+    cmd.extend_from_slice(&bytes.to_be_bytes());
+    cmd
+}
+
+// ---------------------------------------------------------------------------------------------
+// vmhost's side: a minimal axum app around the pump
+
+fn vmhost_app(upstream: SocketAddr) -> Router {
+    Router::new().route(
+        "/",
+        get(move |ws: WebSocketUpgrade| async move {
+            configure_upgrade(ws, SessionKind::Vnc).on_upgrade(move |socket| async move {
+                let Ok(tcp) = TcpStream::connect(upstream).await else {
+                    return;
+                };
+                let _ = tcp.set_nodelay(true);
+                let config = ProxyConfig::default();
+                proxy(WsAdapter::new(socket), tcp, StopSignal::new(), config).await;
+            })
+        }),
+    )
+}
+
+async fn serve(listener: TcpListener, app: Router) {
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    let _ = axum::serve(listener, app).await;
+}
+
+/// The child process: serves the proxy on a single-threaded runtime, prints its port.
+fn serve_child(upstream: &str) -> anyhow::Result<()> {
+    let upstream: SocketAddr = upstream.parse()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        println!("{}", listener.local_addr()?.port());
+        serve(listener, vmhost_app(upstream)).await;
+        anyhow::Ok(())
+    })
+}
+
+struct Child {
+    child: tokio::process::Child,
+    addr: SocketAddr,
+    pid: u32,
+}
+
+async fn start_vmhost_child(upstream: SocketAddr) -> anyhow::Result<Child> {
+    let mut child = tokio::process::Command::new(std::env::current_exe()?)
+        .env(SERVE_ENV, upstream.to_string())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the proxy process")?;
+    let pid = child.id().context("the proxy process has a pid")?;
+    let stdout = child.stdout.take().context("its stdout")?;
+    let mut line = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        BufReader::new(stdout).read_line(&mut line),
+    )
+    .await
+    .context("the proxy process did not report its port")??;
+    let addr = format!("127.0.0.1:{}", line.trim()).parse()?;
+    Ok(Child { child, addr, pid })
+}
+
+async fn start_vmhost_in_process(upstream: SocketAddr) -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(serve(listener, vmhost_app(upstream)));
+    Ok(addr)
+}
+
+// ---------------------------------------------------------------------------------------------
+// websockify
+
+async fn start_websockify(upstream: SocketAddr) -> anyhow::Result<Option<Child>> {
+    let probe = std::process::Command::new("python3")
+        .args(["-m", "websockify", "--help"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if !matches!(probe, Ok(s) if s.success()) {
+        println!("websockify is not installed (pip install websockify): its figures are skipped");
+        return Ok(None);
+    }
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.local_addr()?.port()
+    };
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let child = tokio::process::Command::new("python3")
+        .args(["-m", "websockify", &addr.to_string(), &upstream.to_string()])
+        // websockify imports numpy; OpenBLAS's spinning worker threads would only steal CPU.
+        .env("OPENBLAS_NUM_THREADS", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting websockify")?;
+    let pid = child.id().context("websockify has a pid")?;
+    let t0 = Instant::now();
+    while TcpStream::connect(addr).await.is_err() {
+        ensure!(
+            t0.elapsed() < Duration::from_secs(20),
+            "websockify did not start listening"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(Some(Child { child, addr, pid }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes: CPU time and memory from /proc
+
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
+/// CPU seconds of `pid` and its descendants: living threads to the nanosecond (schedstat),
+/// reaped children to the tick (`cutime` + `cstime`).
+fn cpu_seconds(pid: u32) -> f64 {
+    let mut total = 0.0;
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for task in tasks.flatten() {
+            total += std::fs::read_to_string(task.path().join("schedstat"))
+                .ok()
+                .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+                .map_or(0.0, |ns| ns as f64 / 1e9);
+        }
+    }
+    if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // After the parenthesised command, state is field 3; cutime and cstime are 16 and 17.
+        if let Some((_, fields)) = stat.rsplit_once(')') {
+            let ticks: u64 = fields
+                .split_whitespace()
+                .skip(13)
+                .take(2)
+                .filter_map(|f| f.parse::<u64>().ok())
+                .sum();
+            total += ticks as f64 / 100.0; // sysconf(_SC_CLK_TCK) on Linux
+        }
+    }
+    total + children(pid).into_iter().map(cpu_seconds).sum::<f64>()
+}
+
+fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Proportional set size of `pid` and its descendants, in KiB: shared pages (a forked
+/// websockify's) count once in total.
+fn pss_kib(pid: u32) -> u64 {
+    let own = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Pss:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0);
+    own + children(pid).into_iter().map(pss_kib).sum::<u64>()
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clients
+
+async fn ws_connect(addr: SocketAddr) -> anyhow::Result<Ws> {
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(format!("ws://{addr}/"), None, true)
+        .await
+        .with_context(|| format!("WebSocket connect to {addr}"))?;
+    Ok(ws)
+}
+
+async fn ws_close(mut ws: Ws) {
+    let _ = ws.close(None).await;
+    while let Ok(Some(Ok(_))) = tokio::time::timeout(Duration::from_secs(5), ws.next()).await {}
+}
+
+/// Bytes per second from the upstream through the WebSocket proxy at `addr`.
+async fn ws_throughput(addr: SocketAddr, bytes: u64) -> anyhow::Result<f64> {
+    let mut ws = ws_connect(addr).await?;
+    let t0 = Instant::now();
+    ws.send(Message::binary(source_command(bytes))).await?;
+    let mut got = 0u64;
+    while got < bytes {
+        match ws.next().await.context("stream ended early")?? {
+            Message::Binary(b) => got += b.len() as u64,
+            Message::Close(c) => bail!("closed after {got} of {bytes} bytes: {c:?}"),
+            _ => {}
+        }
+    }
+    let rate = got as f64 / t0.elapsed().as_secs_f64();
+    ws_close(ws).await;
+    Ok(rate)
+}
+
+async fn direct_throughput(addr: SocketAddr, bytes: u64) -> anyhow::Result<f64> {
+    let mut tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let t0 = Instant::now();
+    tcp.write_all(&source_command(bytes)).await?;
+    let mut buf = vec![0u8; CHUNK];
+    let mut got = 0u64;
+    while got < bytes {
+        let n = tcp.read(&mut buf).await?;
+        ensure!(n > 0, "EOF after {got} of {bytes} bytes");
+        got += n as u64;
+    }
+    Ok(got as f64 / t0.elapsed().as_secs_f64())
+}
+
+async fn ws_echo(ws: &mut Ws, payload: &[u8]) -> anyhow::Result<()> {
+    ws.send(Message::binary(payload.to_vec())).await?;
+    let mut got = 0;
+    while got < payload.len() {
+        match ws.next().await.context("stream ended")?? {
+            Message::Binary(b) => {
+                ensure!(b[..] == payload[got..got + b.len()], "echo differs");
+                got += b.len();
+            }
+            Message::Close(c) => bail!("closed during an echo: {c:?}"),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Round-trip times through the WebSocket proxy at `addr` in microseconds, sorted, and the
+/// CPU time per round trip (µs) of the proxy process `pid`, if given.
+async fn ws_latency(
+    addr: SocketAddr,
+    rounds: usize,
+    pid: Option<u32>,
+) -> anyhow::Result<(Vec<f64>, Option<f64>)> {
+    let mut ws = ws_connect(addr).await?;
+    ws.send(Message::binary(&b"E"[..])).await?;
+    let payload: Vec<u8> = (0..ECHO_BYTES as u8).collect();
+    for _ in 0..WARMUP_ROUNDS {
+        ws_echo(&mut ws, &payload).await?;
+    }
+    let cpu0 = pid.map(cpu_seconds);
+    let mut samples = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let t0 = Instant::now();
+        ws_echo(&mut ws, &payload).await?;
+        samples.push(t0.elapsed().as_secs_f64() * 1e6);
+    }
+    let cpu = pid
+        .map(cpu_seconds)
+        .zip(cpu0)
+        .map(|(b, a)| (b - a) / rounds as f64 * 1e6);
+    ws_close(ws).await;
+    samples.sort_by(f64::total_cmp);
+    Ok((samples, cpu))
+}
+
+async fn direct_latency(addr: SocketAddr, rounds: usize) -> anyhow::Result<Vec<f64>> {
+    let mut tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    tcp.write_all(b"E").await?;
+    let payload: Vec<u8> = (0..ECHO_BYTES as u8).collect();
+    let mut back = vec![0u8; ECHO_BYTES];
+    let mut samples = Vec::with_capacity(rounds);
+    for i in 0..WARMUP_ROUNDS + rounds {
+        let t0 = Instant::now();
+        tcp.write_all(&payload).await?;
+        tcp.read_exact(&mut back).await?;
+        ensure!(back == payload, "echo differs");
+        if i >= WARMUP_ROUNDS {
+            samples.push(t0.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    samples.sort_by(f64::total_cmp);
+    Ok(samples)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// One throughput run: bytes per second, and CPU seconds per GiB of every process of the
+/// bench (clients, upstream and proxies) and of the proxy process alone.
+struct Throughput {
+    rate: f64,
+    cpu_all: f64,
+    cpu_proxy: Option<f64>,
+}
+
+async fn measured<F: std::future::Future<Output = anyhow::Result<f64>>>(
+    bytes: u64,
+    proxy_pid: Option<u32>,
+    run: F,
+) -> anyhow::Result<Throughput> {
+    let me = std::process::id();
+    let (all0, proxy0) = (cpu_seconds(me), proxy_pid.map(cpu_seconds));
+    let rate = run.await?;
+    let gib = bytes as f64 / f64::from(1u32 << 30);
+    Ok(Throughput {
+        rate,
+        cpu_all: (cpu_seconds(me) - all0) / gib,
+        cpu_proxy: proxy_pid
+            .map(cpu_seconds)
+            .zip(proxy0)
+            .map(|(b, a)| (b - a) / gib),
+    })
+}
+
+/// Medians of a path's runs: MB/s, CPU-s/GiB of everything, CPU-s/GiB of the proxy.
+fn summarize(runs: &[Throughput]) -> (f64, f64, Option<f64>) {
+    let proxy = runs
+        .iter()
+        .map(|r| r.cpu_proxy)
+        .collect::<Option<Vec<_>>>()
+        .map(median);
+    (
+        median(runs.iter().map(|r| r.rate / 1e6).collect()),
+        median(runs.iter().map(|r| r.cpu_all).collect()),
+        proxy,
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Concurrent sessions
+
+struct SessionsReport {
+    sessions: usize,
+    served: usize,
+    setup: Duration,
+    /// Sockets the proxy held at the peak.
+    proxy_fds: usize,
+    /// RSS of the bench process (clients and upstream), KiB: before, peak, after.
+    bench_rss: [u64; 3],
+    /// PSS of the proxy's processes, KiB: before, peak, after.
+    proxy_pss: [u64; 3],
+}
+
+impl SessionsReport {
+    fn per_session_kib(&self, [before, peak, _]: [u64; 3]) -> f64 {
+        peak.saturating_sub(before) as f64 / self.sessions as f64
+    }
+}
+
+async fn concurrent_sessions(
+    addr: SocketAddr,
+    proxy_pid: u32,
+    sessions: usize,
+) -> anyhow::Result<SessionsReport> {
+    let me = std::process::id();
+    let (bench_before, proxy_before) = (status_kib(me, "VmRSS:"), pss_kib(proxy_pid));
+    let all_up = Arc::new(Barrier::new(sessions + 1));
+    let go_home = Arc::new(Barrier::new(sessions + 1));
+    let t0 = Instant::now();
+    let tasks: Vec<_> = (0..sessions)
+        .map(|i| {
+            let (all_up, go_home) = (all_up.clone(), go_home.clone());
+            tokio::spawn(async move {
+                let opened = async {
+                    let mut ws = ws_connect(addr).await?;
+                    ws.send(Message::binary(&b"E"[..])).await?;
+                    for round in 0..ECHOES_PER_SESSION {
+                        let payload = format!("session {i} echo {round} {}", "x".repeat(32));
+                        ws_echo(&mut ws, payload.as_bytes()).await?;
+                    }
+                    anyhow::Ok(ws)
+                }
+                .await;
+                // Every task reaches both barriers, failed or not, so the bench cannot hang.
+                all_up.wait().await;
+                go_home.wait().await;
+                let ws = opened?;
+                ws_close(ws).await;
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    tokio::time::timeout(Duration::from_secs(120), all_up.wait())
+        .await
+        .context("sessions did not come up within 120 s")?;
+    let setup = t0.elapsed();
+    let (bench_peak, proxy_peak) = (status_kib(me, "VmRSS:"), pss_kib(proxy_pid));
+    let proxy_fds =
+        open_fds(proxy_pid) + children(proxy_pid).into_iter().map(open_fds).sum::<usize>();
+    go_home.wait().await;
+    let mut served = 0;
+    for task in tasks {
+        match task.await? {
+            Ok(()) => served += 1,
+            Err(e) => println!("a session failed: {e:#}"),
+        }
+    }
+    // Give the proxy a moment to drop the last sessions.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Ok(SessionsReport {
+        sessions,
+        served,
+        setup,
+        proxy_fds,
+        bench_rss: [bench_before, bench_peak, status_kib(me, "VmRSS:")],
+        proxy_pss: [proxy_before, proxy_peak, pss_kib(proxy_pid)],
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "MISSED"
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    if let Ok(upstream) = std::env::var(SERVE_ENV) {
+        return serve_child(&upstream);
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(bench())
+}
+
+async fn bench() -> anyhow::Result<()> {
+    let mib = env_or("BENCH_MIB", 256) as u64;
+    let bytes = mib << 20;
+    let rounds = env_or("BENCH_ROUNDS", 1000);
+    let sessions = env_or("BENCH_SESSIONS", 500);
+    let wsfy_sessions = env_or("BENCH_WSFY_SESSIONS", 50);
+
+    let upstream_listener = TcpListener::bind("127.0.0.1:0").await?;
+    let upstream = upstream_listener.local_addr()?;
+    tokio::spawn(upstream_server(upstream_listener));
+    let mut vmhost = start_vmhost_child(upstream).await?;
+    let in_process = start_vmhost_in_process(upstream).await?;
+    let mut websockify = start_websockify(upstream).await?;
+    let wsfy = websockify.as_ref().map(|w| (w.addr, w.pid));
+
+    // (a), (b): throughput, runs interleaved so that drift hits every path alike.
+    let (mut t_direct, mut t_vmhost, mut t_in_process, mut t_wsfy) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..RUNS {
+        t_direct.push(measured(bytes, None, direct_throughput(upstream, bytes)).await?);
+        let run = ws_throughput(vmhost.addr, bytes);
+        t_vmhost.push(measured(bytes, Some(vmhost.pid), run).await?);
+        t_in_process.push(measured(bytes, None, ws_throughput(in_process, bytes)).await?);
+        if let Some((addr, pid)) = wsfy {
+            t_wsfy.push(measured(bytes, Some(pid), ws_throughput(addr, bytes)).await?);
+        }
+    }
+    // (c): round trips.
+    let l_direct = direct_latency(upstream, rounds).await?;
+    let (l_vmhost, c_vmhost) = ws_latency(vmhost.addr, rounds, Some(vmhost.pid)).await?;
+    let (l_in_process, _) = ws_latency(in_process, rounds, None).await?;
+    let (l_wsfy, c_wsfy) = match wsfy {
+        Some((addr, pid)) => {
+            let (l, c) = ws_latency(addr, rounds, Some(pid)).await?;
+            (Some(l), c)
+        }
+        None => (None, None),
+    };
+    // (d): concurrent sessions.
+    let s_vmhost = concurrent_sessions(vmhost.addr, vmhost.pid, sessions).await?;
+    let s_wsfy = match wsfy {
+        Some((addr, pid)) => Some(concurrent_sessions(addr, pid, wsfy_sessions).await?),
+        None => None,
+    };
+    vmhost.child.kill().await?;
+    if let Some(w) = &mut websockify {
+        w.child.kill().await?;
+    }
+
+    println!(
+        "console proxy on 127.0.0.1: {mib} MiB upstream → client in 64 KiB writes, \
+         median of {RUNS} interleaved runs"
+    );
+    println!(
+        "{:<34} {:>8} {:>16} {:>18}",
+        "path", "MB/s", "CPU-s/GiB, all", "CPU-s/GiB, proxy"
+    );
+    let t_row = |name: &str, runs: &[Throughput]| {
+        let (rate, all, proxy) = summarize(runs);
+        let proxy = proxy.map_or("-".to_owned(), |p| format!("{p:.2}"));
+        println!("{name:<34} {rate:>8.0} {all:>16.2} {proxy:>18}");
+        rate
+    };
+    let direct_rate = t_row("direct TCP", &t_direct);
+    let vmhost_rate = t_row("vmhost, own process", &t_vmhost);
+    t_row("vmhost, in the bench's runtime", &t_in_process);
+    let wsfy_rate = (!t_wsfy.is_empty()).then(|| t_row("websockify 0.13, own process", &t_wsfy));
+    println!();
+    println!("round trip, {ECHO_BYTES}-byte echo, {rounds} rounds after {WARMUP_ROUNDS} warm-up");
+    println!(
+        "{:<34} {:>10} {:>10} {:>20}",
+        "path", "median µs", "p99 µs", "proxy CPU µs/round"
+    );
+    let row = |name: &str, s: &[f64], cpu: Option<f64>| {
+        let cpu = cpu.map_or("-".to_owned(), |c| format!("{c:.1}"));
+        println!(
+            "{name:<34} {:>10.1} {:>10.1} {cpu:>20}",
+            percentile(s, 0.5),
+            percentile(s, 0.99)
+        );
+    };
+    row("direct TCP", &l_direct, None);
+    row("vmhost, own process", &l_vmhost, c_vmhost);
+    row("vmhost, in the bench's runtime", &l_in_process, None);
+    if let Some(l) = &l_wsfy {
+        row("websockify 0.13, own process", l, c_wsfy);
+    }
+    println!();
+    println!("concurrent sessions (each 5 echoes, then held open until all are up)");
+    let s_row = |name: &str, r: &SessionsReport| {
+        println!(
+            "{name:<16} {}/{} served, up in {:.0} ms, proxy held {} fds; proxy PSS {} → {} → {} KiB \
+             ({:.1} KiB/session); bench RSS {} → {} → {} KiB ({:.1} KiB/session)",
+            r.served,
+            r.sessions,
+            r.setup.as_secs_f64() * 1e3,
+            r.proxy_fds,
+            r.proxy_pss[0],
+            r.proxy_pss[1],
+            r.proxy_pss[2],
+            r.per_session_kib(r.proxy_pss),
+            r.bench_rss[0],
+            r.bench_rss[1],
+            r.bench_rss[2],
+            r.per_session_kib(r.bench_rss),
+        );
+    };
+    s_row("vmhost", &s_vmhost);
+    if let Some(r) = &s_wsfy {
+        s_row("websockify 0.13", r);
+    }
+    println!();
+    let direct_ratio = vmhost_rate / direct_rate;
+    println!(
+        "target ≥ 0.8× direct throughput: {direct_ratio:.2}× — {}",
+        verdict(direct_ratio >= 0.8)
+    );
+    if let (Some(wsfy_rate), Some(l_wsfy)) = (wsfy_rate, &l_wsfy) {
+        let ratio = vmhost_rate / wsfy_rate;
+        println!(
+            "target ≥ 2× websockify's throughput: {ratio:.2}× — {}",
+            verdict(ratio >= 2.0)
+        );
+        let median_ratio = percentile(&l_vmhost, 0.5) / percentile(l_wsfy, 0.5);
+        let p99_ratio = percentile(&l_vmhost, 0.99) / percentile(l_wsfy, 0.99);
+        println!(
+            "target ≤ 0.5× websockify's round trip: median {median_ratio:.2}×, p99 {p99_ratio:.2}× — {}",
+            verdict(median_ratio <= 0.5 && p99_ratio <= 0.5)
+        );
+        let (_, _, p) = summarize(&t_vmhost);
+        let (_, _, w) = summarize(&t_wsfy);
+        if let (Some(p), Some(w), Some(cp), Some(cw)) = (p, w, c_vmhost, c_wsfy) {
+            println!(
+                "proxy CPU, vmhost / websockify: {:.2}× per GiB, {:.2}× per round trip",
+                p / w,
+                cp / cw
+            );
+        }
+    }
+    println!(
+        "target all {sessions} sessions served: {} — {}",
+        s_vmhost.served,
+        verdict(s_vmhost.served == sessions)
+    );
+    Ok(())
+}
