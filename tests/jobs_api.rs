@@ -552,7 +552,8 @@ async fn products_report_what_works() {
     let vm = &items[0]["support"]["virtualMachine"];
     assert_eq!(vm["enabled"], true);
     assert_eq!(vm["logs"], true);
-    assert_eq!(vm["vnc"], false);
+    assert_eq!(vm["vnc"], true);
+    assert_eq!(vm["terminal"], true);
     d.fake.set_unavailable(true);
     let (_, body) = d.get("/api/jobs/retrieveProducts").await;
     assert_eq!(

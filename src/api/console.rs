@@ -19,8 +19,8 @@ use super::extract::{AppJson, AppQuery, AuthUser};
 use super::types::{BulkRequest, BulkResponse};
 use super::AppState;
 use crate::console::{
-    origin_allowed, proxy, run_shell, CloseReason, Grant, ProxyConfig, SessionKind, ShellConfig,
-    StopSignal, TokenError, WsAdapter,
+    configure_upgrade, origin_allowed, proxy, run_shell, CloseReason, Grant, ProxyConfig,
+    SessionKind, ShellConfig, StopSignal, TokenError, WsAdapter,
 };
 use crate::jobs::{JobState, Owner};
 
@@ -52,9 +52,6 @@ pub(super) struct SessionQuery {
     session: String,
 }
 
-/// WebSocket messages from noVNC and xterm are small; a large frame is an error.
-const MAX_CLIENT_MESSAGE: usize = 1 << 20;
-
 pub(super) async fn jobs_open_interactive_session(
     State(state): State<AppState>,
     AuthUser(owner): AuthUser,
@@ -68,7 +65,10 @@ pub(super) async fn jobs_open_interactive_session(
                 "virtual machines have no web interface; use VNC or SHELL".into(),
             ));
         }
-        state.manager.console_domain(&owner, &item.id, item.rank).await?;
+        state
+            .manager
+            .console_domain(&owner, &item.id, item.rank)
+            .await?;
     }
     let base = config.public_url.trim_end_matches('/');
     let provider = &config.provider_id;
@@ -78,7 +78,12 @@ pub(super) async fn jobs_open_interactive_session(
             SessionType::Vnc => SessionKind::Vnc,
             SessionType::Shell | SessionType::Web => SessionKind::Shell,
         };
-        let grant = Grant { job_id: item.id.clone(), rank: item.rank, user: owner.0.clone(), kind };
+        let grant = Grant {
+            job_id: item.id.clone(),
+            rank: item.rank,
+            user: owner.0.clone(),
+            kind,
+        };
         let token = state.tokens.issue(grant);
         let session = match kind {
             SessionKind::Vnc => json!({
@@ -90,7 +95,8 @@ pub(super) async fn jobs_open_interactive_session(
                 "type": "shell", "jobId": item.id, "rank": item.rank, "sessionIdentifier": token,
             }),
         };
-        responses.push(json!({ "providerDomain": base, "providerId": provider, "session": session }));
+        responses
+            .push(json!({ "providerDomain": base, "providerId": provider, "session": session }));
     }
     Ok(Json(BulkResponse { responses }))
 }
@@ -103,18 +109,23 @@ pub(super) async fn console_vnc(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    let (grant, domain) = admit(&state, &provider, &headers, &query.token, SessionKind::Vnc).await?;
-    let stream = state.manager.backend().open_vnc(&domain).await.map_err(console_unavailable)?;
+    let (grant, domain) =
+        admit(&state, &provider, &headers, &query.token, SessionKind::Vnc).await?;
+    let stream = state
+        .manager
+        .backend()
+        .open_vnc(&domain)
+        .await
+        .map_err(console_unavailable)?;
     let stop = stop_when_not_running(&state, &grant.job_id);
-    Ok(ws
-        .protocols(["binary"])
-        .max_message_size(MAX_CLIENT_MESSAGE)
-        .on_upgrade(move |socket| async move {
+    Ok(
+        configure_upgrade(ws, SessionKind::Vnc).on_upgrade(move |socket| async move {
             let summary = proxy(WsAdapter::new(socket), stream, stop, ProxyConfig::default()).await;
             tracing::info!(job_id = %grant.job_id, rank = grant.rank, ended = ?summary.ended,
                 bytes_to_vm = summary.to_upstream_bytes, bytes_to_browser = summary.to_client_bytes,
                 "VNC session closed");
-        }))
+        }),
+    )
 }
 
 /// `GET /ucloud/{provider}/websocket?session=`: UCloud's interactive shell.
@@ -125,17 +136,36 @@ pub(super) async fn console_shell(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    let (grant, domain) =
-        admit(&state, &provider, &headers, &query.session, SessionKind::Shell).await?;
-    let stream = state.manager.backend().open_serial(&domain).await.map_err(console_unavailable)?;
+    let (grant, domain) = admit(
+        &state,
+        &provider,
+        &headers,
+        &query.session,
+        SessionKind::Shell,
+    )
+    .await?;
+    let stream = state
+        .manager
+        .backend()
+        .open_serial(&domain)
+        .await
+        .map_err(console_unavailable)?;
     let stop = stop_when_not_running(&state, &grant.job_id);
-    Ok(ws.max_message_size(MAX_CLIENT_MESSAGE).on_upgrade(move |socket| async move {
-        let session = query.session;
-        let summary =
-            run_shell(WsAdapter::new(socket), stream, &session, stop, ShellConfig::default()).await;
-        tracing::info!(job_id = %grant.job_id, rank = grant.rank, ended = ?summary.ended,
+    Ok(
+        configure_upgrade(ws, SessionKind::Shell).on_upgrade(move |socket| async move {
+            let session = query.session;
+            let summary = run_shell(
+                WsAdapter::new(socket),
+                stream,
+                &session,
+                stop,
+                ShellConfig::default(),
+            )
+            .await;
+            tracing::info!(job_id = %grant.job_id, rank = grant.rank, ended = ?summary.ended,
             "shell session closed");
-    }))
+        }),
+    )
 }
 
 /// The checks that precede every console upgrade. The token is spent here, so a refused
@@ -159,7 +189,10 @@ async fn admit(
         )));
     }
     let grant = state.tokens.redeem(token, kind).map_err(token_error)?;
-    let domain = state.manager.console_domain(&Owner(grant.user.clone()), &grant.job_id, grant.rank).await?;
+    let domain = state
+        .manager
+        .console_domain(&Owner(grant.user.clone()), &grant.job_id, grant.rank)
+        .await?;
     Ok((grant, domain))
 }
 
@@ -216,7 +249,11 @@ pub(super) async fn console_status(
         Err(e) => token_error(e).to_string(),
         Ok(grant) => {
             let owner = Owner(grant.user.clone());
-            match state.manager.console_domain(&owner, &grant.job_id, grant.rank).await {
+            match state
+                .manager
+                .console_domain(&owner, &grant.job_id, grant.rank)
+                .await
+            {
                 Ok(_) => String::new(),
                 Err(e) => ApiError::from(e).to_string(),
             }
@@ -253,7 +290,10 @@ fn page(state: &AppState, template: &str) -> Response {
 }
 
 fn html_escape(text: &str) -> String {
-    text.replace('&', "&amp;").replace('"', "&quot;").replace('<', "&lt;").replace('>', "&gt;")
+    text.replace('&', "&amp;")
+        .replace('"', "&quot;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 /// The pages' own scripts, compiled in.
@@ -263,5 +303,9 @@ pub(super) async fn page_script(Path(name): Path<String>) -> Result<Response, Ap
         "terminal.js" => include_str!("../../web/terminal.js"),
         _ => return Err(ApiError::NotFound("no such asset".into())),
     };
-    Ok(([(header::CONTENT_TYPE, "text/javascript; charset=utf-8")], script).into_response())
+    Ok((
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        script,
+    )
+        .into_response())
 }

@@ -19,6 +19,10 @@ pub enum ApiError {
     #[error("missing or invalid bearer token")]
     Unauthenticated,
     #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    Gone(String),
+    #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
@@ -35,6 +39,8 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "BAD_REQUEST"),
             ApiError::Unauthenticated => (StatusCode::UNAUTHORIZED, "UNAUTHENTICATED"),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "FORBIDDEN"),
+            ApiError::Gone(_) => (StatusCode::GONE, "GONE"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "NOT_FOUND"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "CONFLICT"),
             ApiError::NotSupported(_) => (StatusCode::BAD_REQUEST, "NOT_SUPPORTED"),
@@ -68,6 +74,8 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => ApiError::BadRequest(why),
             ApiError::NotFound(_) => ApiError::NotFound(why),
+            ApiError::Forbidden(_) => ApiError::Forbidden(why),
+            ApiError::Gone(_) => ApiError::Gone(why),
             ApiError::Conflict(_) => ApiError::Conflict(why),
             ApiError::NotSupported(_) => ApiError::NotSupported(why),
             ApiError::Busy(_) => ApiError::Busy(why),

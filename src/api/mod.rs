@@ -3,6 +3,7 @@
 //! Handlers only translate: extract and authenticate, call [`crate::jobs::JobManager`], map the
 //! result. HTTP statuses are chosen in [`error`] alone.
 
+mod console;
 mod error;
 mod extract;
 mod follow;
@@ -16,6 +17,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
 use sha2::{Digest, Sha256};
+use tower_http::services::ServeDir;
 
 pub use error::ApiError;
 
@@ -27,6 +29,8 @@ pub struct AppState {
     pub manager: JobManager,
     /// SHA-256 of each user's token, with the user's name.
     users: Arc<Vec<([u8; 32], String)>>,
+    /// One-time console links handed out by `interactiveSession`.
+    pub tokens: Arc<crate::console::SessionTokens>,
 }
 
 impl AppState {
@@ -34,9 +38,11 @@ impl AppState {
         let users = users
             .iter()
             .map(|u| (Sha256::digest(u.token.as_bytes()).into(), u.name.clone()));
+        let ttl = std::time::Duration::from_secs(manager.config().console_token_ttl_secs);
         AppState {
             manager,
             users: Arc::new(users.collect()),
+            tokens: Arc::new(crate::console::SessionTokens::new(ttl)),
         }
     }
 
@@ -53,6 +59,7 @@ impl AppState {
 
 pub fn router(state: AppState) -> Router {
     let body_limit = state.manager.config().max_body_bytes;
+    let web = state.manager.config().web_dir.clone();
     Router::new()
         .route(
             "/api/jobs",
@@ -68,7 +75,21 @@ pub fn router(state: AppState) -> Router {
         .route("/api/jobs/unsuspend", post(jobs::jobs_unsuspend))
         .route(
             "/api/jobs/interactiveSession",
-            post(jobs::jobs_not_supported),
+            post(console::jobs_open_interactive_session),
+        )
+        .route("/ucloud/{provider}/vnc", get(console::console_vnc))
+        .route("/ucloud/{provider}/websocket", get(console::console_shell))
+        .route("/api/console/status", get(console::console_status))
+        .route("/console", get(console::console_page))
+        .route("/terminal", get(console::terminal_page))
+        .route("/assets/{name}", get(console::page_script))
+        .nest_service(
+            "/assets/novnc",
+            ServeDir::new(web.join("node_modules/@novnc/novnc")),
+        )
+        .nest_service(
+            "/assets/xterm",
+            ServeDir::new(web.join("node_modules/@xterm/xterm")),
         )
         .route("/api/jobs/updateAcl", post(jobs::jobs_not_supported))
         .route(

@@ -43,8 +43,8 @@ pub(super) async fn support_for(state: &AppState, p: &ProductConfig) -> Value {
     let features = VmFeatures {
         enabled: fits,
         logs: true,
-        vnc: false,
-        terminal: false,
+        vnc: true,
+        terminal: true,
         time_extension: true,
         suspension: true,
         utilization: true,

@@ -170,6 +170,29 @@ impl SessionTokens {
         Ok(entry.grant)
     }
 
+    /// What `redeem` would answer, without spending the token: lets a console page explain an
+    /// expired or used link before it tries to connect.
+    pub fn peek(&self, token: &str, kind: SessionKind) -> Result<Grant, TokenError> {
+        if token.is_empty() || token.len() > MAX_TOKEN_CHARS {
+            return Err(TokenError::Unknown);
+        }
+        let table = self.table();
+        let entry = table
+            .entries
+            .get(&digest(token))
+            .ok_or(TokenError::Unknown)?;
+        if Instant::now() >= entry.expires {
+            return Err(TokenError::Expired);
+        }
+        if entry.grant.kind != kind {
+            return Err(TokenError::WrongKind {
+                wanted: kind,
+                issued: entry.grant.kind,
+            });
+        }
+        Ok(entry.grant.clone())
+    }
+
     /// Tokens held: outstanding ones and expired ones still remembered.
     pub fn len(&self) -> usize {
         self.table().entries.len()

@@ -438,6 +438,31 @@ impl JobManager {
         self.inner.host_capacity().await.map(|h| h.schedulable())
     }
 
+    /// The domain behind rank `rank` of the owner's job, if the job is RUNNING: where a console
+    /// session may attach.
+    pub async fn console_domain(
+        &self,
+        owner: &Owner,
+        id: &str,
+        rank: u32,
+    ) -> Result<String, JobError> {
+        let job = self.retrieve(owner, id).await?;
+        if job.state != state::JobState::Running || job.suspend_requested || job.terminate_requested
+        {
+            return Err(JobError::Denied {
+                id: id.to_owned(),
+                denied: state::Denied::NotRunning,
+            });
+        }
+        if rank >= job.spec.replicas() {
+            return Err(JobError::BadRequest(format!(
+                "job {id} has {} replica(s); rank {rank} does not exist",
+                job.spec.replicas()
+            )));
+        }
+        Ok(self.naming().domain(id, rank))
+    }
+
     /// Console log files of a job's VMs, by rank.
     pub async fn console_logs(&self, id: &str) -> Result<Vec<VmRecord>, JobError> {
         Ok(self.inner.deps.store.vms(id).await?)

@@ -65,19 +65,21 @@ impl TestDaemon {
 
     /// A daemon over any hypervisor (`fake` is then a fresh, unused fake).
     pub async fn start_with(
-        config: Config,
+        mut config: Config,
         backend: Arc<dyn VmBackend>,
         accel: Accel,
     ) -> TestDaemon {
         // Logs show up in a failing test's output (RUST_LOG filters them).
         vmhost::telemetry::init();
         let fake = Arc::new(FakeBackend::default());
+        // Bound first, so console links point at this daemon.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        config.public_url = base.clone();
         let daemon = vmhost::server::build_with(config.clone(), backend, accel)
             .await
             .unwrap();
         let manager = daemon.state.manager.clone();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
         let server = tokio::spawn(async move {
             axum::serve(listener, daemon.router).await.unwrap();
         });
