@@ -2,6 +2,8 @@
 //! WebSocket proxy end to end, and every refusal before the upgrade.
 
 mod common;
+#[path = "common/ws.rs"]
+mod ws;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,13 +11,8 @@ use std::time::Duration;
 use common::{vm_spec, TestDaemon, OTHER_TOKEN, TOKEN};
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 use vmhost::backend::fake::FakeBackend;
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn daemon_with(
     tweak: impl FnOnce(&mut vmhost::config::Config),
@@ -50,48 +47,6 @@ async fn vnc_url(d: &TestDaemon, id: &str) -> String {
         .replace("http://", "ws://")
 }
 
-/// Connects, or returns the HTTP status of the refused upgrade.
-async fn connect(url: &str, origin: Option<&str>, protocol: Option<&str>) -> Result<Ws, u16> {
-    let mut request = url.into_client_request().unwrap();
-    if let Some(origin) = origin {
-        request
-            .headers_mut()
-            .insert("origin", HeaderValue::from_str(origin).unwrap());
-    }
-    if let Some(p) = protocol {
-        request
-            .headers_mut()
-            .insert("sec-websocket-protocol", HeaderValue::from_str(p).unwrap());
-    }
-    match tokio_tungstenite::connect_async(request).await {
-        Ok((ws, response)) => {
-            if let Some(p) = protocol {
-                assert_eq!(response.headers()["sec-websocket-protocol"], p);
-            }
-            Ok(ws)
-        }
-        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
-            Err(response.status().as_u16())
-        }
-        Err(e) => panic!("{e}"),
-    }
-}
-
-/// Reads binary frames until `n` bytes have arrived.
-async fn read_exact(ws: &mut Ws, buf: &mut Vec<u8>, n: usize) -> Vec<u8> {
-    while buf.len() < n {
-        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        if let Message::Binary(b) = msg {
-            buf.extend_from_slice(&b);
-        }
-    }
-    buf.drain(..n).collect()
-}
-
 #[tokio::test]
 async fn a_vnc_session_speaks_rfb_through_vmhost() {
     let (d, _dir) = daemon_with(|_| {}).await;
@@ -113,42 +68,10 @@ async fn a_vnc_session_speaks_rfb_through_vmhost() {
     let token = url.split("token=").nth(1).unwrap();
     assert!(token.len() >= 22, "at least 128 bits: {token}");
 
-    let mut ws = connect(&url, Some(&d.base), Some("binary")).await.unwrap();
-    let mut buf = Vec::new();
-    assert_eq!(read_exact(&mut ws, &mut buf, 12).await, b"RFB 003.008\n");
-    ws.send(Message::Binary(b"RFB 003.008\n".to_vec().into()))
+    let mut ws = ws::connect(&url, Some(&d.base), Some("binary"))
         .await
         .unwrap();
-    assert_eq!(
-        read_exact(&mut ws, &mut buf, 2).await,
-        [1, 1],
-        "one security type: None"
-    );
-    ws.send(Message::Binary(vec![1].into())).await.unwrap();
-    assert_eq!(
-        read_exact(&mut ws, &mut buf, 4).await,
-        [0, 0, 0, 0],
-        "SecurityResult OK"
-    );
-    ws.send(Message::Binary(vec![1].into())).await.unwrap();
-    let init = read_exact(&mut ws, &mut buf, 24).await;
-    let (w, h) = (
-        u16::from_be_bytes([init[0], init[1]]),
-        u16::from_be_bytes([init[2], init[3]]),
-    );
-    assert!(w > 0 && h > 0);
-    let name_len = u32::from_be_bytes([init[20], init[21], init[22], init[23]]) as usize;
-    read_exact(&mut ws, &mut buf, name_len).await;
-    let mut request = vec![3, 0];
-    request.extend_from_slice(&[0, 0, 0, 0]);
-    request.extend_from_slice(&w.to_be_bytes());
-    request.extend_from_slice(&h.to_be_bytes());
-    ws.send(Message::Binary(request.into())).await.unwrap();
-    assert_eq!(
-        read_exact(&mut ws, &mut buf, 1).await,
-        [0],
-        "a FramebufferUpdate"
-    );
+    ws::rfb_handshake(&mut ws).await;
     assert_eq!(d.fake.vnc_sessions(&format!("vmhost-test-{id}-0")), 1);
 
     // Suspending the VM closes the console with a reason.
@@ -184,9 +107,9 @@ async fn console_links_are_refused_before_the_upgrade() {
 
     // Used once: a second use is refused.
     let url = vnc_url(&d, &id).await;
-    drop(connect(&url, None, None).await.unwrap());
+    drop(ws::connect(&url, None, None).await.unwrap());
     assert_eq!(
-        connect(&url, None, None).await.err(),
+        ws::connect(&url, None, None).await.err(),
         Some(403),
         "reused token"
     );
@@ -195,19 +118,19 @@ async fn console_links_are_refused_before_the_upgrade() {
         "{}/ucloud/vmhost/vnc?token=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
         d.base.replace("http", "ws")
     );
-    assert_eq!(connect(&forged, None, None).await.err(), Some(403));
+    assert_eq!(ws::connect(&forged, None, None).await.err(), Some(403));
     // Expired.
     let url = vnc_url(&d, &id).await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(
-        connect(&url, None, None).await.err(),
+        ws::connect(&url, None, None).await.err(),
         Some(410),
         "expired token"
     );
     // A page of another site.
     let url = vnc_url(&d, &id).await;
     assert_eq!(
-        connect(&url, Some("https://evil.example"), None)
+        ws::connect(&url, Some("https://evil.example"), None)
             .await
             .err(),
         Some(403),
@@ -225,7 +148,7 @@ async fn console_links_are_refused_before_the_upgrade() {
         .await;
     d.wait_state(&id, "SUSPENDED", 10).await;
     assert_eq!(
-        connect(&url, None, None).await.err(),
+        ws::connect(&url, None, None).await.err(),
         Some(409),
         "link of a job suspended since"
     );
@@ -252,7 +175,7 @@ async fn a_shell_session_follows_the_ucloud_protocol() {
         "{}/ucloud/vmhost/websocket?session={ident}",
         d.base.replace("http", "ws")
     );
-    let mut ws = connect(&url, None, None).await.unwrap();
+    let mut ws = ws::connect(&url, None, None).await.unwrap();
     let init = json!({ "type": "initialize", "sessionIdentifier": ident, "cols": 80, "rows": 24 });
     ws.send(Message::Text(init.to_string().into()))
         .await
