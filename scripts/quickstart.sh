@@ -30,7 +30,17 @@ body=$(jq -n --arg key "$(cat "$key.pub")" '{items: [{
   resources: null, timeAllocation: null, openedFile: null, restartOnExit: null}]}')
 id=$(curl -sf -H "Authorization: Bearer $token" -H 'Content-Type: application/json' \
   "$url/api/jobs" -d "$body" | jq -r '.responses[0].id')
-echo "Created job $id. Its serial console follows (about 2-3 minutes to the login prompt under TCG)."
+for _ in $(seq 1 300); do
+  state=$(curl -sf -H "Authorization: Bearer $token" "$url/api/jobs/retrieve?id=$id" | jq -r .status.state)
+  [ "$state" = RUNNING ] && break
+  [ "$state" = FAILURE ] && { echo "job $id failed; see /var/lib/vmhost/vmhost.log" >&2; exit 1; }
+  sleep 0.5
+done
+vnc=$(curl -sf -H "Authorization: Bearer $token" -H 'Content-Type: application/json' "$url/api/jobs/interactiveSession" \
+  -d "{\"items\":[{\"id\":\"$id\",\"rank\":0,\"sessionType\":\"VNC\"}]}" | jq -r '.responses[0].session.url')
+echo "Job $id is RUNNING. Its screen in a browser (link valid for 60 s, once):"
+echo "  $url/console?token=${vnc##*token=}"
+echo "Its serial console follows here (about 1-2 minutes to the login prompt under TCG)."
 echo "Ctrl-C leaves the console; the VM keeps running. Terminate it with:"
 echo "  curl -H \"Authorization: Bearer \$(cat /var/lib/vmhost/user-token)\" -H 'Content-Type: application/json' $url/api/jobs/terminate -d '{\"items\":[{\"id\":\"$id\"}]}'"
 exec "$vmhost" console "$id" --url "$url" --token "$token"
