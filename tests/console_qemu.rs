@@ -16,7 +16,6 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 use vmhost::backend::libvirt::LibvirtBackend;
 use vmhost::backend::Accel;
-use vmhost::config::BackendKind;
 
 async fn session(d: &TestDaemon, id: &str, kind: &str) -> Value {
     let body = json!({ "items": [{ "id": id, "rank": 0, "sessionType": kind }] });
@@ -36,12 +35,7 @@ async fn vnc_shell_and_browser_reach_a_real_vm() {
     real::remove_leftovers(&prefix);
     let dir = real::data_dir();
     let backend = Arc::new(LibvirtBackend::connect("qemu:///system").await.unwrap());
-    let config = vmhost::config::Config {
-        backend: BackendKind::Libvirt,
-        image_dir: real::IMAGE_DIR.into(),
-        domain_prefix: prefix.clone(),
-        ..common::config(dir.path())
-    };
+    let config = real::libvirt_config(common::config(dir.path()), &prefix);
     let d = TestDaemon::start_with(config, backend, Accel::Tcg).await;
     let id = d.create(common::spec("busybox-tiny", "1")).await;
     d.wait_state(&id, "RUNNING", 60).await;
@@ -50,14 +44,7 @@ async fn vnc_shell_and_browser_reach_a_real_vm() {
         .join("vms")
         .join(format!("{prefix}-{id}-0"))
         .join("console.log");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !std::fs::read_to_string(&console_log)
-        .unwrap_or_default()
-        .contains("vmhost-tiny: booted")
-    {
-        assert!(Instant::now() < deadline, "the tiny guest never booted");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    real::wait_for_tiny_boot(&console_log).await;
 
     // VNC: QEMU listens on no port; vmhost's WebSocket is the way in.
     let url = session(&d, &id, "VNC").await["url"]

@@ -17,17 +17,12 @@ use sha2::{Digest, Sha256};
 use tokio_tungstenite::tungstenite::Message;
 use vmhost::backend::libvirt::LibvirtBackend;
 use vmhost::backend::Accel;
-use vmhost::config::{BackendKind, Config};
+use vmhost::config::Config;
 
 use common::{TestDaemon, SSH_KEY, TOKEN};
 
 fn real_config(dir: &std::path::Path, prefix: &str) -> Config {
-    Config {
-        backend: BackendKind::Libvirt,
-        image_dir: real::IMAGE_DIR.into(),
-        domain_prefix: prefix.to_owned(),
-        ..common::config(dir)
-    }
+    real::libvirt_config(common::config(dir), prefix)
 }
 
 /// cloud-init prints authorized keys as `ci-info: | <type> | <fingerprint> | ...`; accept the
@@ -470,14 +465,7 @@ async fn a_power_off_by_the_guest_is_reported_as_from_inside() {
     d.wait_state(&id, "RUNNING", 60).await;
     let domain = format!("{prefix}-{id}-0");
     let console_log = dir.path().join("vms").join(&domain).join("console.log");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !std::fs::read_to_string(&console_log)
-        .unwrap_or_default()
-        .contains("vmhost-tiny: booted")
-    {
-        assert!(Instant::now() < deadline, "the tiny guest never booted");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    real::wait_for_tiny_boot(&console_log).await;
     // The ACPI button pressed behind vmhost's back: the guest's acpid powers it off itself.
     let out = Command::new("virsh")
         .args([

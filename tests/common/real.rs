@@ -111,3 +111,28 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
 pub fn prefix(test: &str) -> String {
     format!("vmhost-e2e-{test}-p{}", std::process::id())
 }
+
+/// The config of a test daemon on the real `qemu:///system`, with the built images.
+pub fn libvirt_config(base: vmhost::config::Config, prefix: &str) -> vmhost::config::Config {
+    vmhost::config::Config {
+        backend: vmhost::config::BackendKind::Libvirt,
+        image_dir: IMAGE_DIR.into(),
+        domain_prefix: prefix.to_owned(),
+        ..base
+    }
+}
+
+/// Waits until the busybox-tiny guest has booted (its banner is in the console log).
+pub async fn wait_for_tiny_boot(console_log: &Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !std::fs::read_to_string(console_log)
+        .unwrap_or_default()
+        .contains("vmhost-tiny: booted")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the tiny guest never booted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
