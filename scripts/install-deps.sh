@@ -13,7 +13,13 @@ for p in "${packages[@]}"; do
 done
 if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  # qemu-utils goes in the same command every time: installing qemu-system-x86 alone can
+  # remove a newer preinstalled qemu-utils and leave no qemu-img.
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" qemu-utils
+fi
+if ! command -v qemu-img >/dev/null; then
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends qemu-utils
 fi
 
 # Browser assets (noVNC, xterm.js) and the browser test driver, pinned by web/package-lock.json.
