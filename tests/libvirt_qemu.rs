@@ -223,10 +223,23 @@ async fn lifecycle(backend: LibvirtBackend, s: vmhost::backend::VmSpec, guest: G
     match guest {
         Guest::OwnInitramfs => {
             wait_console(&s.console_log, Some(common::GUEST_UP), boot_wait).await;
-            // The guest's acpid powers it off on the ACPI power button.
-            backend.shutdown(&s.name).await.expect("shutdown");
+            // The guest's acpid powers it off on the ACPI power button. The marker can come
+            // before acpid listens, and a press then is lost: press again every few seconds,
+            // as vmhost's suspend does.
             let stopped = |e: &VmEvent| e.name() == s.name && matches!(e, VmEvent::Stopped { .. });
-            let ev = wait_event(&mut events, boot_wait, stopped).await;
+            let deadline = tokio::time::Instant::now() + boot_wait;
+            let ev = loop {
+                backend.shutdown(&s.name).await.expect("shutdown");
+                let press =
+                    async { wait_event(&mut events, Duration::from_secs(3600), stopped).await };
+                if let Ok(ev) = tokio::time::timeout(Duration::from_secs(3), press).await {
+                    break ev;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the guest ignored the power button"
+                );
+            };
             assert_eq!(
                 ev,
                 VmEvent::Stopped {
