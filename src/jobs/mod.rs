@@ -103,3 +103,9 @@ pub fn now_millis() -> i64 {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
     now.map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
+
+impl From<crate::backend::BackendError> for JobError {
+    fn from(e: crate::backend::BackendError) -> Self {
+        JobError::Backend(Box::new(e))
+    }
+}

@@ -116,7 +116,7 @@ async fn provision_replicas(ctx: &Inner, job: &JobRecord) -> Result<(), JobError
             return fail(
                 ctx,
                 job,
-                &format!("Failed to start the virtual machine: {}", e.user_message()),
+                &format!("Failed to start the virtual machine: {}", error_chain(&e)),
             )
             .await;
         }
@@ -141,13 +141,6 @@ enum StartError {
     Backend(BackendError),
 }
 
-impl StartError {
-    /// What the user is told: the seed problem, or the hypervisor's own words.
-    fn user_message(&self) -> String {
-        error_chain(self)
-    }
-}
-
 fn vm_spec(
     ctx: &Inner,
     job: &JobRecord,
@@ -167,26 +160,26 @@ fn vm_spec(
             mac: naming.mac(&job.id, record.rank, u32::try_from(i).unwrap_or(u32::MAX)),
         })
         .collect();
-    let seed = SeedSpec {
-        instance_id: VmNaming::instance_id(&job.id, record.rank),
-        hostname: spec::hostname(
-            &job.id,
-            job.spec.name.as_deref(),
-            record.rank,
-            plan.replicas,
-        ),
-        login_user: plan.image.login_user.clone(),
-        ssh_authorized_keys: plan.ssh_keys.clone(),
-        extra_user_data: plan.user_data.clone(),
-        nics: nics
-            .iter()
-            .map(|nic| SeedNic {
-                mac: nic.mac.clone(),
-                addressing: NicAddressing::Dhcp,
-            })
-            .collect(),
-    };
     let seed_image = if plan.image.cloud_init {
+        let seed = SeedSpec {
+            instance_id: VmNaming::instance_id(&job.id, record.rank),
+            hostname: spec::hostname(
+                &job.id,
+                job.spec.name.as_deref(),
+                record.rank,
+                plan.replicas,
+            ),
+            login_user: plan.image.login_user.clone(),
+            ssh_authorized_keys: plan.ssh_keys.clone(),
+            extra_user_data: plan.user_data.clone(),
+            nics: nics
+                .iter()
+                .map(|nic| SeedNic {
+                    mac: nic.mac.clone(),
+                    addressing: NicAddressing::Dhcp,
+                })
+                .collect(),
+        };
         Some(cloud_init::vfat_image(&cloud_init::render(
             &seed,
             &deps.templates,
@@ -316,11 +309,7 @@ async fn on_vm_event(ctx: &Arc<Inner>, job: &JobRecord, event: JobEvent) -> Resu
     };
     if event == JobEvent::Stopped(StopKind::FromInside) && job.spec.restart_on_exit == Some(true) {
         for vm in ctx.deps.store.vms(&job.id).await? {
-            ctx.deps
-                .backend
-                .start(&vm.domain)
-                .await
-                .map_err(|e| JobError::Backend(Box::new(e)))?;
+            ctx.deps.backend.start(&vm.domain).await?;
         }
         tracing::info!("guest powered off; started again as restartOnExit asks");
         return ctx.record(&job.id, None, messages::RESTARTED_ON_EXIT).await;
@@ -378,8 +367,7 @@ async fn wait_for_change(
             let vms = ctx.deps.store.vms(&job.id).await?;
             for vm in &vms {
                 if let Ok(None) = ctx.deps.backend.state(&vm.domain).await {
-                    remove_all(ctx, job).await?;
-                    return ctx.record(&job.id, Some(JobState::Failure), messages::VANISHED).await;
+                    return on_vm_event(ctx, job, JobEvent::Vanished).await;
                 }
             }
         }
@@ -428,11 +416,7 @@ async fn suspend(
     };
     if !graceful {
         for vm in &vms {
-            ctx.deps
-                .backend
-                .destroy(&vm.domain)
-                .await
-                .map_err(|e| JobError::Backend(Box::new(e)))?;
+            ctx.deps.backend.destroy(&vm.domain).await?;
         }
     }
     let took = started.elapsed().as_secs();
