@@ -303,3 +303,31 @@ async fn support_flags_report_suspension_and_utilization() {
     assert_eq!(vm["timeExtension"], true);
     assert_eq!(vm["utilization"], true);
 }
+
+#[tokio::test]
+async fn a_failed_unsuspend_keeps_the_disk() {
+    let (d, _dir) = daemon().await;
+    let id = d.create(vm_spec()).await;
+    d.wait_state(&id, "RUNNING", 10).await;
+    d.post("/api/jobs/suspend", items(&[&id])).await;
+    d.wait_state(&id, "SUSPENDED", 10).await;
+    let domain = format!("vmhost-test-{id}-0");
+    d.fake.fail_start_of(&domain);
+    let (status, _) = d.post("/api/jobs/unsuspend", items(&[&id])).await;
+    assert_eq!(status, 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let job = loop {
+        let job = d.retrieve(&id).await;
+        if last_status(&job).contains("could not be started again") {
+            break job;
+        }
+        assert!(Instant::now() < deadline, "{job:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(job["status"]["state"], "SUSPENDED");
+    assert!(last_status(&job).contains("injected start failure"));
+    assert!(
+        d.fake.snapshot().contains_key(&domain),
+        "the user's disk was deleted"
+    );
+}

@@ -112,6 +112,20 @@ async fn provision_replicas(ctx: &Inner, job: &JobRecord) -> Result<(), JobError
         };
         if let Err(e) = started.await {
             tracing::error!(rank, error = %error_chain(&e), "failed to start VM");
+            if job.started_at.is_some() {
+                // An unsuspend: the disks hold the user's data, so never delete them; the
+                // job stays powered off and can be unsuspended again.
+                for vm in deps.store.vms(&job.id).await? {
+                    if let Err(e) = deps.backend.destroy(&vm.domain).await {
+                        tracing::warn!(domain = %vm.domain, error = %error_chain(&e), "cannot stop replica");
+                    }
+                }
+                let why = format!(
+                    "The virtual machine could not be started again: {}; its disk is kept",
+                    error_chain(&e)
+                );
+                return ctx.record(&job.id, Some(JobState::Suspended), &why).await;
+            }
             remove_all(ctx, job).await?;
             return fail(
                 ctx,
