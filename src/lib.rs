@@ -20,6 +20,7 @@ pub mod config;
 pub mod console;
 pub mod images;
 pub mod jobs;
+pub mod network;
 pub mod server;
 pub mod store;
 pub mod telemetry;

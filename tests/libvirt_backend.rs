@@ -273,8 +273,9 @@ async fn list_returns_only_prefixed_domains_with_their_owner() {
         s.rank = rank;
         s.job_id = format!("job \"{rank}\" & <co>");
         s.nics = vec![vmhost::backend::NicSpec {
-            network: "default".to_owned(),
+            attachment: vmhost::backend::NicAttachment::Network("default".to_owned()),
             mac: format!("52:54:00:00:10:{rank:02x}"),
+            tap: format!("vhtest{rank}"),
         }];
         backend.ensure_defined(&s).await.expect("define");
     }

@@ -24,8 +24,8 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    BackendError, ConsoleStream, DomainInfo, DomainOwner, HostInfo, PowerState, StopCause,
-    VmBackend, VmEvent, VmFiles, VmSpec,
+    BackendError, ConsoleStream, DhcpHost, DomainInfo, DomainOwner, HostInfo, PowerState,
+    PrivateNetworkSpec, StopCause, VmBackend, VmEvent, VmFiles, VmSpec,
 };
 
 #[derive(Debug, Clone)]
@@ -407,6 +407,24 @@ impl VmBackend for FakeBackend {
 
     async fn open_serial(&self, name: &str) -> Result<ConsoleStream, BackendError> {
         self.open_console(name, true, serve_serial)
+    }
+
+    async fn ensure_network(&self, _spec: &PrivateNetworkSpec) -> Result<(), BackendError> {
+        Err(BackendError::NotSupported {
+            op: "ensure_network",
+        })
+    }
+
+    async fn put_dhcp_host(&self, _network: &str, _host: &DhcpHost) -> Result<(), BackendError> {
+        Err(BackendError::NotSupported {
+            op: "put_dhcp_host",
+        })
+    }
+
+    async fn remove_dhcp_host(&self, _network: &str, _mac: &str) -> Result<(), BackendError> {
+        Err(BackendError::NotSupported {
+            op: "remove_dhcp_host",
+        })
     }
 
     fn subscribe(&self) -> broadcast::Receiver<VmEvent> {

@@ -39,13 +39,44 @@ pub enum BootMode {
     },
 }
 
+/// What a VM's NIC is plugged into.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NicAttachment {
+    /// A libvirt network (vmhost's private NAT network).
+    Network(String),
+    /// A host bridge the operator set up (where a public IP pool lives).
+    Bridge(String),
+}
+
 /// A network interface of the VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NicSpec {
-    /// Name of the libvirt network the NIC is attached to.
-    pub network: String,
-    /// MAC address, `52:54:00:xx:xx:xx`.
+    pub attachment: NicAttachment,
+    /// MAC address, lowercase `xx:xx:xx:xx:xx:xx`.
     pub mac: String,
+    /// Host-side tap device name (at most 15 bytes); the firewall matches on it, so it is
+    /// chosen by vmhost, never by libvirt.
+    pub tap: String,
+}
+
+/// vmhost's private network: a libvirt NAT network it defines, starts and owns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrivateNetworkSpec {
+    /// libvirt network name.
+    pub name: String,
+    /// Host bridge device libvirt creates for it (at most 15 bytes).
+    pub bridge: String,
+    /// The host's address on the bridge: the guests' gateway and DNS server.
+    pub gateway: std::net::Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+/// A fixed DHCP lease of the private network: this MAC always gets this address and name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DhcpHost {
+    pub mac: String,
+    pub address: std::net::Ipv4Addr,
+    pub hostname: String,
 }
 
 /// Everything the backend needs to create one VM (one rank of a job).
@@ -246,6 +277,14 @@ pub trait VmBackend: Send + Sync + 'static {
     async fn open_vnc(&self, name: &str) -> Result<ConsoleStream, BackendError>;
     /// Attaches to the VM's serial console (bytes to and from the guest's ttyS0).
     async fn open_serial(&self, name: &str) -> Result<ConsoleStream, BackendError>;
+    /// Defines (persistent, autostarted) and starts the private network unless it already
+    /// runs; an existing network of that name with another bridge or address is an error,
+    /// never silently changed.
+    async fn ensure_network(&self, spec: &PrivateNetworkSpec) -> Result<(), BackendError>;
+    /// Adds or replaces (by MAC) a fixed DHCP lease, live and in the persistent definition.
+    async fn put_dhcp_host(&self, network: &str, host: &DhcpHost) -> Result<(), BackendError>;
+    /// Removes the fixed lease of `mac`; `Ok` if there is none.
+    async fn remove_dhcp_host(&self, network: &str, mac: &str) -> Result<(), BackendError>;
     /// Lifecycle events of all domains. Events can be lost (daemon restart, lagging receiver),
     /// so consumers also poll [`VmBackend::state`] periodically.
     fn subscribe(&self) -> broadcast::Receiver<VmEvent>;

@@ -18,7 +18,7 @@ use super::manager::Inner;
 use super::state::{self, JobEvent, JobState, StopKind};
 use super::{messages, now_millis, spec, JobError, JobRecord, VmNaming};
 use crate::backend::{
-    BackendError, BootMode, NicSpec, PowerState, StopCause, VmEvent, VmFiles, VmSpec,
+    BackendError, BootMode, NicAttachment, NicSpec, PowerState, StopCause, VmEvent, VmFiles, VmSpec,
 };
 use crate::cloud_init::{self, NicAddressing, SeedNic, SeedSpec};
 use crate::images::BootKind;
@@ -169,9 +169,13 @@ fn vm_spec(
         .network
         .iter()
         .enumerate()
-        .map(|(i, network)| NicSpec {
-            network: network.clone(),
-            mac: naming.mac(&job.id, record.rank, u32::try_from(i).unwrap_or(u32::MAX)),
+        .map(|(i, network)| {
+            let index = u32::try_from(i).unwrap_or(u32::MAX);
+            NicSpec {
+                attachment: NicAttachment::Network(network.clone()),
+                mac: naming.mac(&job.id, record.rank, index),
+                tap: naming.tap(&job.id, record.rank, index),
+            }
         })
         .collect();
     let seed_image = if plan.image.cloud_init {

@@ -23,7 +23,7 @@ use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::path::Path;
 
-use crate::backend::{Accel, BootMode, DomainOwner, VmSpec};
+use crate::backend::{Accel, BootMode, DomainOwner, NicAttachment, VmSpec};
 
 /// XML namespace of the vmhost metadata element.
 pub const METADATA_NS: &str = "https://vmhost.dev/xmlns/vmhost/1";
@@ -102,9 +102,18 @@ fn render_devices(w: &mut String, spec: &VmSpec) {
         let _ = writeln!(w, "    </disk>");
     }
     for nic in &spec.nics {
-        let _ = writeln!(w, "    <interface type='network'>");
-        let _ = writeln!(w, "      <source network='{}'/>", escape(&nic.network));
+        match &nic.attachment {
+            NicAttachment::Network(network) => {
+                let _ = writeln!(w, "    <interface type='network'>");
+                let _ = writeln!(w, "      <source network='{}'/>", escape(network));
+            }
+            NicAttachment::Bridge(bridge) => {
+                let _ = writeln!(w, "    <interface type='bridge'>");
+                let _ = writeln!(w, "      <source bridge='{}'/>", escape(bridge));
+            }
+        }
         let _ = writeln!(w, "      <mac address='{}'/>", escape(&nic.mac));
+        let _ = writeln!(w, "      <target dev='{}'/>", escape(&nic.tap));
         let _ = writeln!(w, "      <model type='virtio'/>");
         let _ = writeln!(w, "    </interface>");
     }
@@ -306,7 +315,7 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use crate::backend::NicSpec;
+    use crate::backend::{NicAttachment, NicSpec};
 
     fn spec(name: &str, accel: Accel, boot: BootMode, nics: Vec<NicSpec>) -> VmSpec {
         let dir = PathBuf::from("/var/lib/vmhost/jobs").join(name);
@@ -348,12 +357,14 @@ mod tests {
     fn disk_boot_kvm_with_two_nics_renders_host_model_and_interfaces() {
         let nics = vec![
             NicSpec {
-                network: "vmhost-public".to_owned(),
+                attachment: NicAttachment::Bridge("br-public".to_owned()),
                 mac: "52:54:00:aa:bb:01".to_owned(),
+                tap: "vh0123456789-0".to_owned(),
             },
             NicSpec {
-                network: "vmhost-private".to_owned(),
+                attachment: NicAttachment::Network("vmhost-private".to_owned()),
                 mac: "52:54:00:aa:bb:02".to_owned(),
+                tap: "vh0123456789-1".to_owned(),
             },
         ];
         let xml = render(&spec("vmhost-job-42-1", Accel::Kvm, BootMode::Disk, nics));
@@ -371,8 +382,9 @@ mod tests {
                 cmdline: "console=ttyS0 x=\"a b\" y='c' </cmdline><evil/>".to_owned(),
             },
             vec![NicSpec {
-                network: "net'><x".to_owned(),
+                attachment: NicAttachment::Network("net'><x".to_owned()),
                 mac: "52:54:00:00:00:01".to_owned(),
+                tap: "vh'><x".to_owned(),
             }],
         );
         s.job_id = "job\"/><evil a='".to_owned();

@@ -42,8 +42,8 @@ use virt::connect::Connect;
 use virt::error::{Error as VirtError, ErrorNumber};
 
 use crate::backend::{
-    BackendError, BootMode, ConsoleStream, DomainInfo, DomainOwner, HostInfo, PowerState,
-    StopCause, VmBackend, VmEvent, VmFiles, VmSpec,
+    BackendError, BootMode, ConsoleStream, DhcpHost, DomainInfo, DomainOwner, HostInfo, PowerState,
+    PrivateNetworkSpec, StopCause, VmBackend, VmEvent, VmFiles, VmSpec,
 };
 
 /// Maximum number of libvirt calls in flight (each holds a blocking-pool thread).
@@ -582,6 +582,24 @@ impl VmBackend for LibvirtBackend {
         })?;
         tracing::debug!(domain = %name, "attached to the serial console");
         Ok(io)
+    }
+
+    async fn ensure_network(&self, _spec: &PrivateNetworkSpec) -> Result<(), BackendError> {
+        Err(BackendError::NotSupported {
+            op: "ensure_network",
+        })
+    }
+
+    async fn put_dhcp_host(&self, _network: &str, _host: &DhcpHost) -> Result<(), BackendError> {
+        Err(BackendError::NotSupported {
+            op: "put_dhcp_host",
+        })
+    }
+
+    async fn remove_dhcp_host(&self, _network: &str, _mac: &str) -> Result<(), BackendError> {
+        Err(BackendError::NotSupported {
+            op: "remove_dhcp_host",
+        })
     }
 
     fn subscribe(&self) -> broadcast::Receiver<VmEvent> {
