@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::accel::AccelSetting;
+use crate::network::config::{PrivateNetworkConfig, PublicPoolConfig};
 
 /// Which hypervisor implementation to drive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -49,8 +50,10 @@ pub struct Config {
     pub catalog: Option<PathBuf>,
     /// Directory with operator cloud-init templates; the shipped `cloud-init/` when unset.
     pub cloud_init_dir: Option<PathBuf>,
-    /// libvirt network every VM gets a NIC on (DHCP); no NIC when unset.
-    pub network: Option<String>,
+    /// vmhost's private NAT network (`[private_network]`); `enabled = false` for none.
+    pub private_network: PrivateNetworkConfig,
+    /// Public IP pools on host bridges (`[[public_pools]]`); none by default.
+    pub public_pools: Vec<PublicPoolConfig>,
     /// Largest accepted request body, in bytes.
     pub max_body_bytes: usize,
     /// Interval of the periodic power-state sync against the hypervisor, in seconds.
@@ -124,7 +127,8 @@ impl Default for Config {
             image_dir: PathBuf::from("/var/lib/vmhost/images"),
             catalog: None,
             cloud_init_dir: None,
-            network: None,
+            private_network: PrivateNetworkConfig::default(),
+            public_pools: Vec::new(),
             max_body_bytes: 1024 * 1024,
             sync_interval_secs: 10,
             max_replicas: 8,
@@ -272,6 +276,8 @@ impl Config {
         if self.sync_interval_secs == 0 {
             return invalid("sync_interval_secs must be at least 1".into());
         }
+        crate::network::config::validate(self.private_network(), &self.public_pools)
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if !(self.public_url.starts_with("http://") || self.public_url.starts_with("https://")) {
             return invalid("public_url must start with http:// or https://".into());
         }
@@ -282,6 +288,15 @@ impl Config {
         self.products
             .iter()
             .find(|p| p.name == name && p.category == category)
+    }
+
+    /// The private network, if enabled.
+    pub fn private_network(&self) -> Option<&PrivateNetworkConfig> {
+        Some(&self.private_network).filter(|p| p.enabled)
+    }
+
+    pub fn public_pool(&self, name: &str) -> Option<&PublicPoolConfig> {
+        self.public_pools.iter().find(|p| p.name == name)
     }
 
     pub fn store_path(&self) -> PathBuf {

@@ -7,10 +7,15 @@ use std::sync::Arc;
 use anyhow::Context;
 
 use crate::api::{self, AppState};
-use crate::backend::{fake::FakeBackend, libvirt::LibvirtBackend, Accel, VmBackend};
+use crate::backend::{
+    fake::FakeBackend, libvirt::LibvirtBackend, Accel, PrivateNetworkSpec, VmBackend,
+};
 use crate::config::{BackendKind, Config, UserConfig};
 use crate::images::{Catalog, ImageCache};
 use crate::jobs::{JobManager, JobManagerDeps, VmNaming};
+use crate::network::guard::FirewallGuard;
+use crate::network::nft::{FakeFirewall, Firewall, NftFirewall};
+use crate::network::public_ips::PublicIps;
 use crate::store::Store;
 
 /// A vmhost ready to serve: its router and the manager behind it.
@@ -29,21 +34,27 @@ pub async fn build(config: Config) -> anyhow::Result<Daemon> {
         ),
         BackendKind::Fake => Arc::new(FakeBackend::default()),
     };
+    let firewall: Arc<dyn Firewall> = match config.backend {
+        BackendKind::Libvirt => Arc::new(NftFirewall::default()),
+        BackendKind::Fake => Arc::new(FakeFirewall::default()),
+    };
     let accel = match config.backend {
         BackendKind::Libvirt => crate::accel::resolve(config.accel)
             .await
             .context("choosing the accelerator")?,
         BackendKind::Fake => Accel::Tcg,
     };
-    build_with(config, backend, accel).await
+    build_with(config, backend, firewall, accel).await
 }
 
-/// [`build`] with a given hypervisor; tests pass a [`FakeBackend`] they keep a handle to.
+/// [`build`] with a given hypervisor and firewall; tests pass fakes they keep a handle to.
 pub async fn build_with(
     mut config: Config,
     backend: Arc<dyn VmBackend>,
+    firewall: Arc<dyn Firewall>,
     accel: Accel,
 ) -> anyhow::Result<Daemon> {
+    config.validate().context("checking the configuration")?;
     create_dir_traversable(&config.data_dir)?;
     create_dir_traversable(&config.vm_dir())?;
     let store = Store::open(&config.store_path()).context("opening the store")?;
@@ -60,10 +71,30 @@ pub async fn build_with(
         vm_dir: config.vm_dir(),
         agent_id,
     };
+    if let Some(private) = config.private_network() {
+        let spec = PrivateNetworkSpec {
+            name: private.name.clone(),
+            bridge: private.bridge.clone(),
+            gateway: private.gateway(),
+            prefix_len: private.subnet.prefix_len(),
+        };
+        backend
+            .ensure_network(&spec)
+            .await
+            .with_context(|| format!("starting the private network {}", private.name))?;
+    }
     let images = ImageCache::new(config.image_dir.clone(), config.image_cache_dir());
     let users = config.users.clone();
+    let config = Arc::new(config);
+    let guard = Arc::new(FirewallGuard::new(
+        config.clone(),
+        naming.clone(),
+        store.clone(),
+        firewall,
+    ));
+    let public_ips = PublicIps::new(config.clone(), store.clone(), guard.clone());
     let manager = JobManager::new(JobManagerDeps {
-        config: Arc::new(config),
+        config,
         store,
         backend,
         catalog: Arc::new(catalog),
@@ -71,13 +102,18 @@ pub async fn build_with(
         templates,
         accel,
         naming,
+        guard: guard.clone(),
     });
     manager.spawn_event_router();
     manager
         .reconcile()
         .await
         .context("reconciling with the hypervisor")?;
-    let state = AppState::new(manager, &users);
+    guard
+        .sync()
+        .await
+        .context("installing the firewall rules of existing VMs")?;
+    let state = AppState::new(manager, public_ips, &users);
     let router = api::router(state.clone());
     Ok(Daemon { state, router })
 }

@@ -9,6 +9,7 @@ use axum::Json;
 
 use crate::jobs::state::Denied;
 use crate::jobs::{JobError, SpecError};
+use crate::network::public_ips::PublicIpError;
 use crate::store::StoreError;
 use crate::telemetry::error_chain;
 
@@ -32,6 +33,20 @@ pub enum ApiError {
     Busy(String),
     #[error("internal error")]
     Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl From<PublicIpError> for ApiError {
+    fn from(e: PublicIpError) -> Self {
+        match e {
+            PublicIpError::Invalid(_) => ApiError::BadRequest(e.to_string()),
+            PublicIpError::NotFound { .. } => ApiError::NotFound(e.to_string()),
+            PublicIpError::Exhausted { .. } | PublicIpError::InUse { .. } => {
+                ApiError::Conflict(e.to_string())
+            }
+            PublicIpError::Store(err) => ApiError::Internal(Box::new(err)),
+            PublicIpError::Firewall(err) => ApiError::Internal(Box::new(err)),
+        }
+    }
 }
 
 impl ApiError {
@@ -100,7 +115,7 @@ impl From<JobError> for ApiError {
                 | SpecError::UnknownApplication { .. }
                 | SpecError::Invalid(_) => ApiError::BadRequest(e.to_string()),
             },
-            JobError::Duplicate { .. } => ApiError::Conflict(e.to_string()),
+            JobError::Duplicate { .. } | JobError::Conflict(_) => ApiError::Conflict(e.to_string()),
             JobError::Denied { denied, .. } => match denied {
                 Denied::AlreadyFinal
                 | Denied::NotRunning

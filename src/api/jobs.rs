@@ -14,8 +14,8 @@ use super::{products, AppState};
 use crate::jobs::{JobRecord, JobSpec};
 use crate::store::JobQuery;
 
-const DEFAULT_PAGE: u32 = 50;
-const MAX_PAGE: u32 = 250;
+pub(super) const DEFAULT_PAGE: u32 = 50;
+pub(super) const MAX_PAGE: u32 = 250;
 
 pub(super) async fn jobs_create(
     State(state): State<AppState>,
@@ -199,11 +199,11 @@ fn query_from_flags(flags: &JobIncludeFlags) -> JobQuery {
 }
 
 /// Page cursors are opaque to clients: the last id seen, versioned and encoded.
-fn encode_cursor(id: &str) -> String {
+pub(super) fn encode_cursor(id: &str) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("v1:{id}"))
 }
 
-fn decode_cursor(cursor: &str) -> Result<i64, ApiError> {
+pub(super) fn decode_cursor(cursor: &str) -> Result<i64, ApiError> {
     let bad = || ApiError::BadRequest("invalid next token".into());
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(cursor)

@@ -1,4 +1,5 @@
-//! The HTTP and WebSocket surface: UCloud's end-user Jobs API, served standalone.
+//! The HTTP and WebSocket surface: UCloud's end-user Jobs and public IP APIs, served
+//! standalone.
 //!
 //! Handlers only translate: extract and authenticate, call [`crate::jobs::JobManager`], map the
 //! result. HTTP statuses are chosen in [`error`] alone.
@@ -8,6 +9,7 @@ mod error;
 mod extract;
 mod follow;
 mod jobs;
+mod networkips;
 mod products;
 pub mod types;
 
@@ -22,11 +24,13 @@ use tower_http::services::ServeDir;
 pub use error::ApiError;
 
 use crate::jobs::{JobManager, Owner};
+use crate::network::public_ips::PublicIps;
 
 /// Shared state of every handler.
 #[derive(Clone, Debug)]
 pub struct AppState {
     pub manager: JobManager,
+    pub public_ips: PublicIps,
     /// SHA-256 of each user's token, with the user's name.
     users: Arc<Vec<([u8; 32], String)>>,
     /// One-time console links handed out by `interactiveSession`.
@@ -34,13 +38,18 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(manager: JobManager, users: &[crate::config::UserConfig]) -> AppState {
+    pub fn new(
+        manager: JobManager,
+        public_ips: PublicIps,
+        users: &[crate::config::UserConfig],
+    ) -> AppState {
         let users = users
             .iter()
             .map(|u| (Sha256::digest(u.token.as_bytes()).into(), u.name.clone()));
         let ttl = std::time::Duration::from_secs(manager.config().console_token_ttl_secs);
         AppState {
             manager,
+            public_ips,
             users: Arc::new(users.collect()),
             tokens: Arc::new(crate::console::SessionTokens::new(ttl)),
         }
@@ -92,6 +101,20 @@ pub fn router(state: AppState) -> Router {
             ServeDir::new(web.join("node_modules/@xterm/xterm")),
         )
         .route("/api/jobs/updateAcl", post(jobs::jobs_not_supported))
+        .route(
+            "/api/networkips",
+            post(networkips::create).delete(networkips::delete),
+        )
+        .route("/api/networkips/retrieve", get(networkips::retrieve))
+        .route("/api/networkips/browse", get(networkips::browse))
+        .route(
+            "/api/networkips/firewall",
+            post(networkips::update_firewall),
+        )
+        .route(
+            "/api/networkips/retrieveProducts",
+            get(networkips::retrieve_products),
+        )
         .route(
             "/api/jobs/retrieveProducts",
             get(products::jobs_retrieve_products),

@@ -48,6 +48,7 @@ pub(super) async fn support_for(state: &AppState, p: &ProductConfig) -> Value {
         time_extension: true,
         suspension: true,
         utilization: true,
+        peers: state.manager.config().private_network().is_some(),
     };
     compute_support(p, &state.manager.config().provider_id, features)
 }

@@ -7,6 +7,7 @@ use crate::config::ProductConfig;
 use crate::images::ImageEntry;
 use crate::jobs::spec::{SimpleDuration, PARAM_DISK_SIZE, PARAM_SSH_KEYS, PARAM_USER_DATA};
 use crate::jobs::{JobRecord, JobSpec, JobState, JobUpdate};
+use crate::network::public_ips::{FirewallSpec, PublicIpRecord};
 
 /// `BulkRequest<T>`.
 #[derive(Debug, Deserialize)]
@@ -90,6 +91,70 @@ pub struct BrowseQuery {
     pub next: Option<String>,
     #[serde(flatten)]
     pub flags: JobIncludeFlags,
+}
+
+/// A page request without flags (`itemsPerPage`, `next`).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PageQuery {
+    #[serde(default, deserialize_with = "lenient::opt_u32")]
+    pub items_per_page: Option<u32>,
+    pub next: Option<String>,
+}
+
+/// One item of `networkips/firewall`: the end-user form `{id, firewall}` or the provider form
+/// `{networkIp: {id, ...}, firewall}`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FirewallItem {
+    pub id: Option<String>,
+    pub network_ip: Option<FindByStringIdLoose>,
+    pub firewall: FirewallSpec,
+}
+
+/// An object of which only `id` matters (the rest of a `PublicIp`).
+#[derive(Debug, Deserialize)]
+pub struct FindByStringIdLoose {
+    pub id: String,
+}
+
+impl FirewallItem {
+    pub fn into_parts(self) -> Result<(String, FirewallSpec), crate::api::ApiError> {
+        let id = self.id.or(self.network_ip.map(|ip| ip.id)).ok_or_else(|| {
+            crate::api::ApiError::BadRequest(
+                "each item needs the public IP's id (or networkIp.id)".into(),
+            )
+        })?;
+        Ok((id, self.firewall))
+    }
+}
+
+/// UCloud's `PublicIp`.
+pub fn wire_public_ip(ip: &PublicIpRecord, config: &crate::config::Config) -> Value {
+    let state = "READY";
+    json!({
+        "id": ip.id,
+        "createdAt": ip.created_at,
+        "owner": { "createdBy": ip.owner, "project": null },
+        "permissions": { "myself": ["ADMIN"], "others": [] },
+        "specification": ip.spec,
+        "status": {
+            "state": state,
+            "boundTo": ip.bound_job.iter().collect::<Vec<_>>(),
+            "ipAddress": ip.address.to_string(),
+        },
+        "updates": [{
+            "timestamp": ip.created_at,
+            "state": state,
+            "status": format!("Allocated {} from {}", ip.address, ip.pool),
+        }],
+        "providerGeneratedId": ip.id,
+        "pool": config.public_pool(&ip.pool).map(|p| json!({
+            "subnet": p.subnet.to_string(),
+            "gateway": p.gateway.to_string(),
+            "dns": p.dns.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        })),
+    })
 }
 
 /// `ResourceSearchRequest<JobIncludeFlags>`.
@@ -262,6 +327,7 @@ pub struct VmFeatures {
     pub time_extension: bool,
     pub suspension: bool,
     pub utilization: bool,
+    pub peers: bool,
 }
 
 /// `ComputeSupport` for one product.
@@ -280,6 +346,7 @@ pub fn compute_support(p: &ProductConfig, provider_id: &str, f: VmFeatures) -> V
             "timeExtension": f.enabled && f.time_extension,
             "suspension": f.enabled && f.suspension,
             "utilization": f.enabled && f.utilization,
+            "peers": f.enabled && f.peers,
         },
     })
 }

@@ -101,6 +101,15 @@ pub struct SeedSpec {
     pub extra_user_data: Option<serde_json::Map<String, serde_json::Value>>,
     /// In guest order: the first becomes `eth0`.
     pub nics: Vec<SeedNic>,
+    /// Names the guest resolves through `/etc/hosts` (peers), appended on first boot.
+    pub hosts: Vec<HostEntry>,
+}
+
+/// One `/etc/hosts` line: an address and an RFC 1123 label.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostEntry {
+    pub address: Ipv4Addr,
+    pub name: String,
 }
 
 /// The three files of a NoCloud seed.
@@ -166,6 +175,9 @@ pub fn render(spec: &SeedSpec, templates: &SeedTemplates) -> Result<SeedFiles, S
     validate::instance_id(&spec.instance_id)?;
     validate::hostname(&spec.hostname)?;
     validate::login_user(&spec.login_user)?;
+    for host in &spec.hosts {
+        validate::hostname(&host.name)?;
+    }
     let keys = spec
         .ssh_authorized_keys
         .iter()

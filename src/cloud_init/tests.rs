@@ -37,7 +37,37 @@ fn typical_spec() -> SeedSpec {
                 addressing: NicAddressing::Dhcp,
             },
         ],
+        hosts: Vec::new(),
     }
+}
+
+#[test]
+fn peer_hosts_are_appended_to_etc_hosts_after_the_users_files() {
+    let spec = SeedSpec {
+        hosts: vec![HostEntry {
+            address: [10, 213, 0, 2].into(),
+            name: "db".to_owned(),
+        }],
+        ..typical_spec()
+    };
+    let files = render(&spec, &SeedTemplates::empty()).unwrap();
+    let doc = yaml(&files.user_data);
+    assert_eq!(doc["write_files"][0]["path"], json!("/etc/motd"));
+    assert_eq!(
+        doc["write_files"][1],
+        json!({"path": "/etc/hosts", "append": true, "content": "10.213.0.2 db\n"})
+    );
+    let hostile = SeedSpec {
+        hosts: vec![HostEntry {
+            address: [10, 213, 0, 2].into(),
+            name: "db\n10.0.0.1 bank".to_owned(),
+        }],
+        ..typical_spec()
+    };
+    assert!(matches!(
+        render(&hostile, &SeedTemplates::empty()),
+        Err(SeedError::Invalid(_))
+    ));
 }
 
 fn minimal_spec() -> SeedSpec {

@@ -202,6 +202,22 @@ pub(crate) fn render(
     for (key, value) in VMHOST_SCALARS {
         doc.insert((*key).to_owned(), Value::Bool(*value));
     }
+    if !spec.hosts.is_empty() {
+        // Typed lines (a validated label and an address) appended once, on first boot;
+        // `manage_etc_hosts: localhost` leaves other lines alone on later boots.
+        let content: String = spec
+            .hosts
+            .iter()
+            .map(|h| format!("{} {}\n", h.address, h.name))
+            .collect();
+        let entry = json!({"path": "/etc/hosts", "append": true, "content": content});
+        match doc.get_mut("write_files") {
+            Some(Value::Array(files)) => files.push(entry),
+            _ => {
+                doc.insert("write_files".to_owned(), Value::Array(vec![entry]));
+            }
+        }
+    }
 
     let text = format!("#cloud-config\n{}", yaml::to_string(&doc)?);
     if text.len() > MAX_USER_DATA_BYTES {

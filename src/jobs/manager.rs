@@ -14,7 +14,8 @@ use crate::backend::{Accel, VmBackend};
 use crate::cloud_init::SeedTemplates;
 use crate::config::Config;
 use crate::images::{Catalog, ImageCache};
-use crate::store::{JobQuery, NewJob, Store, VmRecord};
+use crate::network::guard::FirewallGuard;
+use crate::store::{JobQuery, NewJob, Store, StoreError, VmRecord};
 
 /// The user a request acts for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +47,8 @@ pub struct JobManagerDeps {
     pub templates: SeedTemplates,
     pub accel: Accel,
     pub naming: VmNaming,
+    /// Keeps the host firewall equal to the VMs and addresses in the store.
+    pub guard: Arc<FirewallGuard>,
 }
 
 /// A live runner: its queue, and its task for [`JobManager::halt`].
@@ -212,8 +215,13 @@ impl JobManager {
         let created_at = now_millis();
         let host_total = self.schedulable().await;
         for (index, spec) in specs.into_iter().enumerate() {
-            spec::validate(&spec, &deps.config, &deps.catalog)
+            let plan = spec::validate(&spec, &deps.config, &deps.catalog)
                 .map_err(|source| JobError::InvalidSpec { index, source })?;
+            for peer in &plan.peers {
+                self.check_peer(owner, peer)
+                    .await
+                    .map_err(|source| JobError::InvalidSpec { index, source })?;
+            }
             let demand = super::scheduler::demand(&deps.config, &deps.catalog, &spec);
             if host_total.is_some_and(|total| !demand.fits_in(total)) {
                 let why = format!("the job needs {demand}, more than this host can ever offer");
@@ -253,10 +261,23 @@ impl JobManager {
                 fingerprint,
                 created_at,
                 first_update,
+                public_ips: plan.public_ips,
             });
         }
         let firsts: Vec<JobUpdate> = new_jobs.iter().map(|j| j.first_update.clone()).collect();
-        let ids = deps.store.insert_jobs(new_jobs).await?;
+        let private_pool = deps.config.private_network().map(|p| p.pool());
+        let ids = deps
+            .store
+            .insert_jobs(new_jobs, private_pool)
+            .await
+            .map_err(|e| match e {
+                StoreError::AddressUnknown { .. } => JobError::BadRequest(e.to_string()),
+                StoreError::AddressInUse { .. } => JobError::Conflict(e.to_string()),
+                StoreError::PoolExhausted { pool } => JobError::Conflict(format!(
+                    "no address is left in {pool}; wait for other jobs to end"
+                )),
+                other => JobError::Store(other),
+            })?;
         for (id, update) in ids.iter().zip(firsts) {
             tracing::info!(job_id = %id, owner = %owner.0, "job accepted");
             let _ = self.inner.changes.send(JobChange {
@@ -266,6 +287,21 @@ impl JobManager {
             self.inner.ensure_runner(id);
         }
         Ok(ids)
+    }
+
+    /// A peer must be another RUNNING job of the same owner.
+    async fn check_peer(&self, owner: &Owner, peer: &spec::Peer) -> Result<(), SpecError> {
+        let refuse = |why: &str| {
+            SpecError::Invalid(format!(
+                "peer {:?}: job {} {why}",
+                peer.hostname, peer.job_id
+            ))
+        };
+        match self.retrieve(owner, &peer.job_id).await {
+            Ok(job) if job.state == state::JobState::Running => Ok(()),
+            Ok(_) => Err(refuse("is not running")),
+            Err(_) => Err(refuse("does not exist")),
+        }
     }
 
     /// The job, if it exists and belongs to `owner` (another user's job is "not found").

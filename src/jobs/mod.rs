@@ -67,6 +67,17 @@ pub mod messages {
     pub const EXPIRED: &str = "Your job has expired: its time allocation ran out";
     pub const RESTARTED_ON_EXIT: &str =
         "The virtual machine powered itself off and was started again (restartOnExit)";
+
+    pub fn attached_public_ip(address: std::net::Ipv4Addr) -> String {
+        format!("Attached public IP {address}")
+    }
+
+    pub fn private_address(address: std::net::Ipv4Addr, rank: Option<u32>) -> String {
+        match rank {
+            Some(rank) => format!("Rank {rank} has private address {address}"),
+            None => format!("The virtual machine has private address {address}"),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +98,9 @@ pub enum JobError {
     NoDeadline { id: String },
     #[error("{0}")]
     BadRequest(String),
+    /// The request is valid but what it needs is taken (an address in use, a full pool).
+    #[error("{0}")]
+    Conflict(String),
     #[error("the job runner is busy; retry shortly")]
     Busy,
     #[error("the hypervisor refused")]

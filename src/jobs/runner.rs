@@ -18,10 +18,14 @@ use super::manager::Inner;
 use super::state::{self, JobEvent, JobState, StopKind};
 use super::{messages, now_millis, spec, JobError, JobRecord, VmNaming};
 use crate::backend::{
-    BackendError, BootMode, NicAttachment, NicSpec, PowerState, StopCause, VmEvent, VmFiles, VmSpec,
+    BackendError, BootMode, DhcpHost, NicAttachment, NicSpec, PowerState, StopCause, VmEvent,
+    VmFiles, VmSpec,
 };
 use crate::cloud_init::{self, NicAddressing, SeedNic, SeedSpec};
 use crate::images::BootKind;
+use crate::network::firewall::NicRole;
+use crate::network::guard::GuardError;
+use crate::network::layout::{self, VmNic};
 use crate::store::VmRecord;
 use crate::telemetry::error_chain;
 
@@ -96,11 +100,17 @@ async fn provision_replicas(ctx: &Inner, job: &JobRecord) -> Result<(), JobError
             return fail(ctx, job, &why).await;
         }
     };
+    let addresses = deps.store.job_addresses(&job.id).await?;
+    let hosts = peer_hosts(ctx, &plan).await?;
     for rank in 0..plan.replicas {
         let record = deps.naming.record(&job.id, rank);
         deps.store.put_vm(record.clone()).await?;
+        let nics = layout::vm_nics(&deps.config, &deps.naming, &job.id, rank, &addresses);
         let started = async {
-            let spec = vm_spec(ctx, job, &plan, &local, &record)?;
+            connect_private_nic(ctx, &record, &nics).await?;
+            // Rules first: the VM never runs unguarded, not even for its first packets.
+            deps.guard.sync().await?;
+            let spec = vm_spec(ctx, job, &plan, &local, &record, &nics, &hosts)?;
             deps.backend
                 .ensure_defined(&spec)
                 .await
@@ -136,6 +146,9 @@ async fn provision_replicas(ctx: &Inner, job: &JobRecord) -> Result<(), JobError
         }
         tracing::info!(rank, domain = %record.domain, "VM started");
     }
+    if job.started_at.is_none() {
+        announce_addresses(ctx, job, &addresses).await?;
+    }
     if job.expires_at.is_none() {
         if let Some(allocation) = job.allocation_ms {
             deps.store
@@ -153,6 +166,71 @@ enum StartError {
     Seed(#[from] cloud_init::SeedError),
     #[error(transparent)]
     Backend(BackendError),
+    #[error(transparent)]
+    Firewall(#[from] GuardError),
+}
+
+/// Registers the private NIC's fixed DHCP lease, so images that ask DHCP (rather than read
+/// cloud-init's static configuration) get the same address.
+async fn connect_private_nic(
+    ctx: &Inner,
+    record: &VmRecord,
+    nics: &[VmNic],
+) -> Result<(), StartError> {
+    let Some(nic) = nics.iter().find(|n| n.role == NicRole::Private) else {
+        return Ok(());
+    };
+    let NicAttachment::Network(network) = &nic.attachment else {
+        return Ok(());
+    };
+    let host = DhcpHost {
+        mac: nic.mac.clone(),
+        address: nic.address,
+        hostname: record.domain.clone(),
+    };
+    ctx.deps
+        .backend
+        .put_dhcp_host(network, &host)
+        .await
+        .map_err(StartError::Backend)
+}
+
+/// `/etc/hosts` lines for the job's peers: each name resolves to the peer's rank 0.
+async fn peer_hosts(
+    ctx: &Inner,
+    plan: &spec::LaunchPlan,
+) -> Result<Vec<cloud_init::HostEntry>, JobError> {
+    let mut hosts = Vec::with_capacity(plan.peers.len());
+    for peer in &plan.peers {
+        let peer_addresses = ctx.deps.store.job_addresses(&peer.job_id).await?;
+        match peer_addresses.private_of(0) {
+            Some(address) => hosts.push(cloud_init::HostEntry {
+                address,
+                name: peer.hostname.clone(),
+            }),
+            None => tracing::warn!(peer = %peer.job_id, "peer has no private address (it ended)"),
+        }
+    }
+    Ok(hosts)
+}
+
+/// Tells the user which addresses their job got, once, when it first runs.
+async fn announce_addresses(
+    ctx: &Inner,
+    job: &JobRecord,
+    addresses: &crate::store::JobAddresses,
+) -> Result<(), JobError> {
+    let ranks = addresses.private.len();
+    for (rank, address) in &addresses.private {
+        let rank = (ranks > 1).then_some(*rank);
+        ctx.record(&job.id, None, &messages::private_address(*address, rank))
+            .await?;
+    }
+    for ip in &addresses.public {
+        ctx.record(&job.id, None, &messages::attached_public_ip(ip.address))
+            .await?;
+    }
+    Ok(())
 }
 
 fn vm_spec(
@@ -161,23 +239,11 @@ fn vm_spec(
     plan: &spec::LaunchPlan,
     local: &crate::images::LocalImage,
     record: &VmRecord,
+    nics: &[VmNic],
+    hosts: &[cloud_init::HostEntry],
 ) -> Result<VmSpec, StartError> {
     let deps = &ctx.deps;
     let naming = &deps.naming;
-    let nics: Vec<NicSpec> = deps
-        .config
-        .network
-        .iter()
-        .enumerate()
-        .map(|(i, network)| {
-            let index = u32::try_from(i).unwrap_or(u32::MAX);
-            NicSpec {
-                attachment: NicAttachment::Network(network.clone()),
-                mac: naming.mac(&job.id, record.rank, index),
-                tap: naming.tap(&job.id, record.rank, index),
-            }
-        })
-        .collect();
     let seed_image = if plan.image.cloud_init {
         let seed = SeedSpec {
             instance_id: VmNaming::instance_id(&job.id, record.rank),
@@ -194,9 +260,15 @@ fn vm_spec(
                 .iter()
                 .map(|nic| SeedNic {
                     mac: nic.mac.clone(),
-                    addressing: NicAddressing::Dhcp,
+                    addressing: NicAddressing::Static {
+                        address: nic.address,
+                        prefix_len: nic.prefix_len,
+                        gateway: nic.default_route.then_some(nic.gateway),
+                        dns: nic.dns.clone(),
+                    },
                 })
                 .collect(),
+            hosts: hosts.to_vec(),
         };
         Some(cloud_init::vfat_image(&cloud_init::render(
             &seed,
@@ -229,7 +301,14 @@ fn vm_spec(
         seed_path: record.seed.clone(),
         seed_image,
         console_log: record.console_log.clone(),
-        nics,
+        nics: nics
+            .iter()
+            .map(|nic| NicSpec {
+                attachment: nic.attachment.clone(),
+                mac: nic.mac.clone(),
+                tap: nic.tap.clone(),
+            })
+            .collect(),
     })
 }
 
@@ -518,8 +597,33 @@ pub(super) async fn remove_vm(ctx: &Inner, vm: &VmRecord) -> Result<(), JobError
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => tracing::warn!(dir = %vm.dir.display(), error = %e, "cannot remove VM directory"),
     }
+    disconnect_private_nic(ctx, vm).await;
     ctx.deps.store.delete_vm(&vm.domain).await?;
+    // The removed VM's rules are inert without its taps; a failed sync is repaired by the next.
+    if let Err(e) = ctx.deps.guard.sync().await {
+        tracing::warn!(error = %error_chain(&e), "cannot update the firewall after removing a VM");
+    }
     Ok(())
+}
+
+/// Drops the fixed DHCP lease of a removed VM's private NIC.
+async fn disconnect_private_nic(ctx: &Inner, vm: &VmRecord) {
+    let Some(private) = ctx.deps.config.private_network() else {
+        return;
+    };
+    let address = match ctx.deps.store.job_addresses(&vm.job_id).await {
+        Ok(addresses) => addresses.private_of(vm.rank),
+        Err(e) => {
+            tracing::warn!(error = %error_chain(&e), "cannot read the VM's private address");
+            None
+        }
+    };
+    if let Some(address) = address {
+        let mac = layout::mac_for(address);
+        if let Err(e) = ctx.deps.backend.remove_dhcp_host(&private.name, &mac).await {
+            tracing::warn!(%mac, error = %error_chain(&e), "cannot remove the DHCP lease");
+        }
+    }
 }
 
 async fn fail(ctx: &Inner, job: &JobRecord, why: &str) -> Result<(), JobError> {

@@ -108,6 +108,17 @@ pub struct LaunchPlan {
     pub ssh_keys: Vec<String>,
     pub user_data: Option<Map<String, Value>>,
     pub time_allocation_ms: Option<i64>,
+    /// Ids of the owner's public IPs to attach (`{type: "network", id}`).
+    pub public_ips: Vec<String>,
+    /// Jobs this one connects to (`{type: "peer", hostname, jobId}`).
+    pub peers: Vec<Peer>,
+}
+
+/// Another job of the same owner, reachable from this one under `hostname`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub hostname: String,
+    pub job_id: String,
 }
 
 /// Why a specification is refused; the message is shown to the user as `why`.
@@ -166,13 +177,6 @@ pub fn validate(
             config.max_replicas
         ));
     }
-    if let Some(resources) = &spec.resources {
-        if let Some(kind) = resources.iter().map(value_type).next() {
-            return invalid(format!(
-                "resources of type {kind:?} are not supported by this provider"
-            ));
-        }
-    }
     if spec.opened_file.is_some() {
         return invalid("openedFile is not supported for virtual machines");
     }
@@ -189,8 +193,17 @@ pub fn validate(
         ssh_keys: Vec::new(),
         user_data: None,
         time_allocation_ms,
+        public_ips: Vec::new(),
+        peers: Vec::new(),
     };
+    for (index, value) in spec.resources.iter().flatten().enumerate() {
+        add_resource(&mut plan, &format!("resources[{index}]"), value)?;
+    }
     for (name, value) in &params {
+        if matches!(value_type(value).as_str(), "network" | "peer") {
+            add_resource(&mut plan, &format!("parameter {name}"), value)?;
+            continue;
+        }
         let needs_cloud_init = name == PARAM_SSH_KEYS || name == PARAM_USER_DATA;
         if needs_cloud_init && !image.cloud_init {
             return invalid(format!(
@@ -240,6 +253,9 @@ pub fn validate(
             }
         }
     }
+    if !plan.peers.is_empty() && config.private_network().is_none() {
+        return invalid("peers need vmhost's private network, which this host does not have");
+    }
     if plan.disk_gib < image.min_disk_gib {
         return invalid(format!(
             "product {} has a {} GiB disk but {} {} needs at least {} GiB",
@@ -247,6 +263,64 @@ pub fn validate(
         ));
     }
     Ok(plan)
+}
+
+/// Adds a `network` or `peer` value to the plan; anything else is refused.
+fn add_resource(plan: &mut LaunchPlan, place: &str, value: &Value) -> Result<(), SpecError> {
+    let field = |name: &str| {
+        value
+            .get(name)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+    };
+    match value_type(value).as_str() {
+        "network" => {
+            let Some(id) = field("id") else {
+                return invalid(format!(
+                    "{place} must be {{\"type\": \"network\", \"id\": <public IP id>}}"
+                ));
+            };
+            if plan.public_ips.iter().any(|known| known == id) {
+                return invalid(format!("{place}: public IP {id} is attached twice"));
+            }
+            plan.public_ips.push(id.to_owned());
+        }
+        "peer" => {
+            let (Some(hostname), Some(job_id)) = (field("hostname"), field("jobId")) else {
+                return invalid(format!(
+                    "{place} must be {{\"type\": \"peer\", \"hostname\": <name>, \"jobId\": <job id>}}"
+                ));
+            };
+            if !is_dns_label(hostname) {
+                return invalid(format!(
+                    "{place}: hostname {hostname:?} must be 1-63 letters, digits or '-', not starting or ending with '-'"
+                ));
+            }
+            let hostname = hostname.to_ascii_lowercase();
+            if plan.peers.iter().any(|p| p.hostname == hostname) {
+                return invalid(format!("{place}: peer hostname {hostname:?} is used twice"));
+            }
+            plan.peers.push(Peer {
+                hostname,
+                job_id: job_id.to_owned(),
+            });
+        }
+        other => {
+            return invalid(format!(
+                "{place}: resources of type {other:?} are not supported by this provider; \
+                 virtual machines accept \"network\" and \"peer\""
+            ))
+        }
+    }
+    Ok(())
+}
+
+/// A hostname label as RFC 1123 allows it.
+pub fn is_dns_label(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
 }
 
 fn value_type(value: &Value) -> String {

@@ -99,13 +99,58 @@ fn product_application_and_limits_are_enforced() {
             Box::new(|s: &mut JobSpec| {
                 s.resources = Some(vec![serde_json::json!({"type": "peer"})])
             }),
-            "resources",
+            "peer without hostname",
+        ),
+        (
+            Box::new(|s: &mut JobSpec| {
+                s.resources = Some(vec![serde_json::json!({"type": "ingress", "id": "1"})])
+            }),
+            "unsupported resource",
+        ),
+        (
+            Box::new(|s: &mut JobSpec| {
+                s.resources = Some(vec![
+                    serde_json::json!({"type": "peer", "hostname": "db\n10.0.0.1 evil", "jobId": "1"}),
+                ])
+            }),
+            "peer hostname with a newline",
+        ),
+        (
+            Box::new(|s: &mut JobSpec| {
+                s.resources = Some(vec![
+                    serde_json::json!({"type": "network", "id": "4"}),
+                    serde_json::json!({"type": "network", "id": "4"}),
+                ])
+            }),
+            "the same public IP twice",
         ),
     ] {
         let mut spec = base();
         mutate(&mut spec);
         assert!(matches!(check(&spec), Err(SpecError::Invalid(_))), "{what}");
     }
+}
+
+#[test]
+fn network_and_peer_values_are_collected_from_resources_and_parameters() {
+    let mut spec = base();
+    spec.resources = Some(vec![
+        serde_json::json!({"type": "network", "id": "4"}),
+        serde_json::json!({"type": "peer", "hostname": "DB", "jobId": "9"}),
+    ]);
+    spec.parameters.get_or_insert_with(Default::default).insert(
+        "ip".into(),
+        serde_json::json!({"type": "network", "id": "5"}),
+    );
+    let plan = check(&spec).unwrap();
+    assert_eq!(plan.public_ips, vec!["4".to_owned(), "5".to_owned()]);
+    assert_eq!(
+        plan.peers,
+        vec![Peer {
+            hostname: "db".into(),
+            job_id: "9".into()
+        }]
+    );
 }
 
 #[test]

@@ -28,6 +28,21 @@ pub trait Firewall: Send + Sync + std::fmt::Debug + 'static {
     async fn remove(&self, table: &str) -> Result<(), FirewallError>;
 }
 
+/// Installs plans with the `nft` command (STUB until the implementation lands).
+#[derive(Debug, Default)]
+pub struct NftFirewall;
+
+#[async_trait]
+impl Firewall for NftFirewall {
+    async fn apply(&self, _plan: &FirewallPlan) -> Result<(), FirewallError> {
+        Ok(())
+    }
+
+    async fn remove(&self, _table: &str) -> Result<(), FirewallError> {
+        Ok(())
+    }
+}
+
 /// Records plans instead of installing them (component tests, `backend = "fake"`).
 #[derive(Debug, Default)]
 pub struct FakeFirewall {

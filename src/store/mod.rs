@@ -8,6 +8,7 @@
 //! One connection behind a mutex; callers use the async methods, which run the SQL on the
 //! blocking pool. Schema versions live in [`schema`].
 
+mod addresses;
 mod queries;
 mod schema;
 
@@ -16,9 +17,13 @@ use std::sync::{Arc, Mutex};
 
 use rusqlite::Connection;
 
+pub use addresses::{AddressedVm, JobAddresses};
 pub use queries::{JobQuery, NewJob, VmRecord};
 
 use crate::jobs::{JobRecord, JobUpdate};
+use crate::network::config::PublicPoolConfig;
+use crate::network::pool::AddressPool;
+use crate::network::public_ips::{FirewallSpec, PublicIpRecord, PublicIpSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -34,6 +39,12 @@ pub enum StoreError {
     Sql(#[from] rusqlite::Error),
     #[error("stored job {id} is corrupt: {why}")]
     Corrupt { id: String, why: String },
+    #[error("no address is left in {pool}")]
+    PoolExhausted { pool: String },
+    #[error("public IP {id} does not exist")]
+    AddressUnknown { id: String },
+    #[error("public IP {id} is currently in use by job {job}")]
+    AddressInUse { id: String, job: String },
     #[error("store worker failed")]
     Worker(#[from] tokio::task::JoinError),
 }
@@ -87,9 +98,15 @@ impl Store {
         self.with(queries::agent_id).await
     }
 
-    /// Inserts jobs with their first update in one transaction; returns their ids in order.
-    pub async fn insert_jobs(&self, jobs: Vec<NewJob>) -> Result<Vec<String>, StoreError> {
-        self.with(move |c| queries::insert_jobs(c, &jobs)).await
+    /// Inserts jobs with their first update in one transaction, binding their public IPs and
+    /// giving each rank a private address from `private_pool`; returns their ids in order.
+    pub async fn insert_jobs(
+        &self,
+        jobs: Vec<NewJob>,
+        private_pool: Option<AddressPool>,
+    ) -> Result<Vec<String>, StoreError> {
+        self.with(move |c| queries::insert_jobs(c, &jobs, private_pool.as_ref()))
+            .await
     }
 
     pub async fn job(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
@@ -153,6 +170,64 @@ impl Store {
     pub async fn delete_vm(&self, domain: &str) -> Result<(), StoreError> {
         let domain = domain.to_owned();
         self.with(move |c| queries::delete_vm(c, &domain)).await
+    }
+
+    /// Allocates one address per item from its pool, all in one transaction.
+    pub async fn insert_public_ips(
+        &self,
+        owner: String,
+        items: Vec<(PublicIpSpec, PublicPoolConfig)>,
+        created_at: i64,
+    ) -> Result<Vec<PublicIpRecord>, StoreError> {
+        self.with(move |c| addresses::insert_public_ips(c, &owner, &items, created_at))
+            .await
+    }
+
+    pub async fn public_ip(&self, id: &str) -> Result<Option<PublicIpRecord>, StoreError> {
+        let id = id.to_owned();
+        self.with(move |c| addresses::public_ip(c, &id)).await
+    }
+
+    /// The owner's public IPs, newest first, with ids below `before_id`.
+    pub async fn public_ips(
+        &self,
+        owner: String,
+        before_id: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<PublicIpRecord>, StoreError> {
+        self.with(move |c| addresses::public_ips(c, &owner, before_id, limit))
+            .await
+    }
+
+    /// Deletes the owner's addresses, all or none; none may be attached to an active job.
+    pub async fn delete_public_ips(
+        &self,
+        owner: String,
+        ids: Vec<String>,
+    ) -> Result<(), StoreError> {
+        self.with(move |c| addresses::delete_public_ips(c, &owner, &ids))
+            .await
+    }
+
+    /// Replaces the firewalls of the owner's addresses, all or none; true if any is attached.
+    pub async fn set_public_ip_firewalls(
+        &self,
+        owner: String,
+        items: Vec<(String, FirewallSpec)>,
+    ) -> Result<bool, StoreError> {
+        self.with(move |c| addresses::set_public_ip_firewalls(c, &owner, &items))
+            .await
+    }
+
+    /// A job's private addresses and attached public IPs.
+    pub async fn job_addresses(&self, job_id: &str) -> Result<JobAddresses, StoreError> {
+        let id = job_id.to_owned();
+        self.with(move |c| addresses::job_addresses(c, &id)).await
+    }
+
+    /// Every VM record with its job's owner and addresses (for the firewall).
+    pub async fn addressed_vms(&self) -> Result<Vec<AddressedVm>, StoreError> {
+        self.with(addresses::addressed_vms).await
     }
 
     /// Every VM record of every job (for reconciliation).

@@ -4,8 +4,9 @@ use std::path::PathBuf;
 
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row};
 
-use super::StoreError;
+use super::{addresses, StoreError};
 use crate::jobs::{JobRecord, JobSpec, JobState, JobUpdate};
+use crate::network::pool::AddressPool;
 
 /// A job to insert, with the update that opens its history.
 #[derive(Debug, Clone)]
@@ -15,6 +16,8 @@ pub struct NewJob {
     pub fingerprint: String,
     pub created_at: i64,
     pub first_update: JobUpdate,
+    /// Ids of the owner's public IPs to attach to the job.
+    pub public_ips: Vec<String>,
 }
 
 /// A VM a job owns (or may own: the row exists before the VM is created).
@@ -82,7 +85,11 @@ pub(super) fn agent_id(c: &mut Connection) -> Result<String, StoreError> {
     Ok(id)
 }
 
-pub(super) fn insert_jobs(c: &mut Connection, jobs: &[NewJob]) -> Result<Vec<String>, StoreError> {
+pub(super) fn insert_jobs(
+    c: &mut Connection,
+    jobs: &[NewJob],
+    private_pool: Option<&AddressPool>,
+) -> Result<Vec<String>, StoreError> {
     let tx = c.transaction()?;
     let mut ids = Vec::with_capacity(jobs.len());
     for job in jobs {
@@ -113,6 +120,10 @@ pub(super) fn insert_jobs(c: &mut Connection, jobs: &[NewJob]) -> Result<Vec<Str
         )?;
         let id = tx.last_insert_rowid().to_string();
         insert_update(&tx, &id, &job.first_update)?;
+        addresses::bind_public_ips(&tx, &id, &job.owner, &job.public_ips)?;
+        if let Some(pool) = private_pool {
+            addresses::allocate_private(&tx, &id, job.spec.replicas(), pool)?;
+        }
         ids.push(id);
     }
     tx.commit()?;
@@ -148,6 +159,7 @@ pub(super) fn append_update(c: &mut Connection, id: &str, u: &JobUpdate) -> Resu
                 "UPDATE jobs SET expires_at = NULL WHERE id = ?1",
                 params![id],
             )?;
+            addresses::release_job(&tx, id)?;
         }
     }
     tx.commit()?;

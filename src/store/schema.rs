@@ -57,6 +57,28 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE jobs ADD COLUMN suspend_requested INTEGER NOT NULL DEFAULT 0;
     "#,
+    // 3: public IPs (bound to at most one active job) and the private address of each VM.
+    // Addresses are IPv4 as integers; the UNIQUE constraints make double allocation impossible.
+    r#"
+    CREATE TABLE public_ips (
+        id         INTEGER PRIMARY KEY AUTOINCREMENT,
+        owner      TEXT    NOT NULL,
+        pool       TEXT    NOT NULL,
+        address    INTEGER NOT NULL,
+        spec       TEXT    NOT NULL,
+        bound_job  INTEGER REFERENCES jobs (id),
+        created_at INTEGER NOT NULL,
+        UNIQUE (pool, address)
+    );
+    CREATE INDEX public_ips_by_owner ON public_ips (owner, id);
+    CREATE INDEX public_ips_by_job ON public_ips (bound_job);
+    CREATE TABLE private_addresses (
+        job_id  INTEGER NOT NULL REFERENCES jobs (id),
+        rank    INTEGER NOT NULL,
+        address INTEGER NOT NULL UNIQUE,
+        PRIMARY KEY (job_id, rank)
+    );
+    "#,
 ];
 
 pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {

@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 use vmhost::backend::fake::FakeBackend;
 use vmhost::backend::{Accel, VmBackend};
 use vmhost::config::{BackendKind, Config, UserConfig};
+use vmhost::network::nft::{FakeFirewall, Firewall, NftFirewall};
 
 pub const TOKEN: &str = "token-of-alice";
 pub const OTHER_TOKEN: &str = "token-of-bob";
@@ -15,6 +16,8 @@ pub const OTHER_TOKEN: &str = "token-of-bob";
 pub struct TestDaemon {
     pub base: String,
     pub fake: Arc<FakeBackend>,
+    /// The firewall of a daemon over the fake hypervisor (unused over libvirt, which gets nft).
+    pub firewall: Arc<FakeFirewall>,
     pub config: Config,
     pub client: reqwest::Client,
     server: tokio::task::JoinHandle<()>,
@@ -76,7 +79,12 @@ impl TestDaemon {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         config.public_url = base.clone();
-        let daemon = vmhost::server::build_with(config.clone(), backend, accel)
+        let firewall = Arc::new(FakeFirewall::default());
+        let installed: Arc<dyn Firewall> = match config.backend {
+            BackendKind::Fake => firewall.clone(),
+            BackendKind::Libvirt => Arc::new(NftFirewall::default()),
+        };
+        let daemon = vmhost::server::build_with(config.clone(), backend, installed, accel)
             .await
             .unwrap();
         let manager = daemon.state.manager.clone();
@@ -86,6 +94,7 @@ impl TestDaemon {
         TestDaemon {
             base,
             fake,
+            firewall,
             config,
             client: reqwest::Client::new(),
             server,

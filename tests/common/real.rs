@@ -113,11 +113,17 @@ pub fn prefix(test: &str) -> String {
 }
 
 /// The config of a test daemon on the real `qemu:///system`, with the built images.
+/// Real-VM tests that are not about networking run without the private network, so they
+/// neither share nor wait for one; `tests/network_qemu.rs` builds its own.
 pub fn libvirt_config(base: vmhost::config::Config, prefix: &str) -> vmhost::config::Config {
     vmhost::config::Config {
         backend: vmhost::config::BackendKind::Libvirt,
         image_dir: IMAGE_DIR.into(),
         domain_prefix: prefix.to_owned(),
+        private_network: vmhost::network::config::PrivateNetworkConfig {
+            enabled: false,
+            ..vmhost::network::config::PrivateNetworkConfig::default()
+        },
         ..base
     }
 }
