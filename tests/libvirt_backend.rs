@@ -530,3 +530,275 @@ async fn reconnects_after_the_daemon_restarts() {
     );
     backend.remove(&s.name, &s.files()).await.expect("remove");
 }
+
+// ---- the private network (on the shared `test:///default`, so a second, raw connection can
+// look at and tamper with what the backend did; every name is unique to the test) ----
+
+mod network {
+    use std::net::Ipv4Addr;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use vmhost::backend::libvirt::network_xml::{self, HostEntry, NetworkInfo};
+    use vmhost::backend::libvirt::LibvirtBackend;
+    use vmhost::backend::{BackendError, DhcpHost, PrivateNetworkSpec, VmBackend};
+
+    use super::common::{init_tracing, unique_name};
+
+    const SHARED: &str = "test:///default";
+
+    struct Net {
+        backend: LibvirtBackend,
+        /// A raw connection to the same state, for looking and tampering.
+        raw: virt::connect::Connect,
+        spec: PrivateNetworkSpec,
+    }
+
+    impl Net {
+        async fn new() -> Net {
+            init_tracing();
+            static N: AtomicU32 = AtomicU32::new(0);
+            let n = N.fetch_add(1, Ordering::SeqCst);
+            let backend = LibvirtBackend::connect(SHARED).await.expect("connect");
+            let raw = virt::connect::Connect::open(Some(SHARED)).expect("raw connect");
+            let third = u8::try_from(n % 200).expect("small");
+            let spec = PrivateNetworkSpec {
+                name: unique_name("vmhost-test-net-"),
+                // At most 15 bytes: "vht" + up to 7 pid digits + the counter.
+                bridge: format!("vht{}x{n}", std::process::id() % 10_000_000),
+                gateway: Ipv4Addr::new(10, 250, third, 1),
+                prefix_len: 24,
+            };
+            Net { backend, raw, spec }
+        }
+
+        fn network(&self) -> virt::network::Network {
+            self.raw
+                .lookup_network_by_name(&self.spec.name)
+                .expect("the network exists")
+        }
+
+        fn info(&self) -> NetworkInfo {
+            network_xml::parse(&self.network().xml_desc(0).expect("xml"))
+        }
+
+        fn lease(&self, mac_last: u8, last: u8, name: &str) -> DhcpHost {
+            let [a, b, c, _] = self.spec.gateway.octets();
+            DhcpHost {
+                mac: format!("52:54:00:fa:00:{mac_last:02x}"),
+                address: Ipv4Addr::new(a, b, c, last),
+                hostname: name.to_owned(),
+            }
+        }
+
+        fn entries(&self) -> Vec<HostEntry> {
+            self.info().hosts
+        }
+    }
+
+    impl Drop for Net {
+        fn drop(&mut self) {
+            if let Ok(n) = self.raw.lookup_network_by_name(&self.spec.name) {
+                let _ = n.destroy();
+                let _ = n.undefine();
+            }
+        }
+    }
+
+    fn entry(h: &DhcpHost) -> HostEntry {
+        HostEntry {
+            mac: h.mac.clone(),
+            ip: Some(h.address),
+            name: Some(h.hostname.clone()),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn ensure_network_defines_starts_and_is_idempotent() {
+        let t = Net::new().await;
+        t.backend.ensure_network(&t.spec).await.expect("create");
+        let n = t.network();
+        assert!(n.is_active().expect("active"));
+        assert!(n.is_persistent().expect("persistent"));
+        assert!(n.autostart().expect("autostart"));
+        assert_eq!(n.bridge_name().expect("bridge"), t.spec.bridge);
+        let info = t.info();
+        assert_eq!(network_xml::mismatch(&t.spec, &info), None, "{info:?}");
+        assert!(info.hosts.is_empty());
+        let uuid = n.uuid_string().expect("uuid");
+
+        t.backend.ensure_network(&t.spec).await.expect("again");
+        assert_eq!(
+            t.network().uuid_string().expect("uuid"),
+            uuid,
+            "not redefined"
+        );
+
+        // After a libvirtd or host restart the persistent network is defined but inactive,
+        // and autostart may have been turned off by an operator.
+        n.destroy().expect("stop it");
+        n.set_autostart(false).expect("autostart off");
+        assert!(!t.network().is_active().expect("active"));
+        t.backend.ensure_network(&t.spec).await.expect("start it");
+        assert!(t.network().is_active().expect("active"));
+        assert!(t.network().autostart().expect("autostart"));
+        assert_eq!(t.network().uuid_string().expect("uuid"), uuid);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn ensure_network_refuses_a_network_with_another_config() {
+        let t = Net::new().await;
+        let [a, b, c, _] = t.spec.gateway.octets();
+        let cases = [
+            (
+                format!(
+                    "<forward mode='nat'/><bridge name='{}y'/><ip address='{}' prefix='24'/>",
+                    &t.spec.bridge[..t.spec.bridge.len().min(14)],
+                    t.spec.gateway
+                ),
+                "bridge is",
+            ),
+            (
+                format!(
+                    "<forward mode='nat'/><bridge name='{}'/><ip address='{}' prefix='16'/>",
+                    t.spec.bridge, t.spec.gateway
+                ),
+                "/16",
+            ),
+            (
+                format!(
+                    "<forward mode='nat'/><bridge name='{}'/>\
+                     <ip address='{a}.{b}.{c}.254' netmask='255.255.255.0'/>",
+                    t.spec.bridge
+                ),
+                ".254/24",
+            ),
+            (
+                format!(
+                    "<bridge name='{}'/><ip address='{}' prefix='24'/>",
+                    t.spec.bridge, t.spec.gateway
+                ),
+                "isolated",
+            ),
+        ];
+        for (body, needle) in cases {
+            let xml = format!("<network><name>{}</name>{body}</network>", t.spec.name);
+            let n = t.raw.define_network_xml(&xml).expect("define theirs");
+            n.create().expect("start theirs");
+            let before = n.xml_desc(0).expect("xml");
+            let e = t
+                .backend
+                .ensure_network(&t.spec)
+                .await
+                .expect_err("refused");
+            match &e {
+                BackendError::NetworkMismatch { name, detail } => {
+                    assert_eq!(name, &t.spec.name);
+                    assert!(detail.contains(needle), "{needle:?} not in {detail:?}");
+                }
+                other => panic!("expected a mismatch, got {other:?}"),
+            }
+            assert_eq!(
+                t.network().xml_desc(0).expect("xml"),
+                before,
+                "never changed"
+            );
+            n.destroy().expect("destroy");
+            n.undefine().expect("undefine");
+        }
+
+        let mut bad = t.spec.clone();
+        bad.bridge = "sixteen-bytes-xx".to_owned();
+        let e = t.backend.ensure_network(&bad).await.expect_err("invalid");
+        assert!(matches!(e, BackendError::Network { .. }), "{e:?}");
+        assert!(t.raw.lookup_network_by_name(&t.spec.name).is_err());
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn dhcp_hosts_are_put_replaced_and_removed_idempotently() {
+        let t = Net::new().await;
+        let net = t.spec.name.as_str();
+        let a = t.lease(0x10, 10, "job-a");
+        let e = t
+            .backend
+            .put_dhcp_host(net, &a)
+            .await
+            .expect_err("no network yet");
+        assert!(
+            matches!(&e, BackendError::NoSuchNetwork { name } if name == net),
+            "{e:?}"
+        );
+        let e = t
+            .backend
+            .remove_dhcp_host(net, &a.mac)
+            .await
+            .expect_err("no network yet");
+        assert!(matches!(&e, BackendError::NoSuchNetwork { .. }), "{e:?}");
+
+        t.backend.ensure_network(&t.spec).await.expect("network");
+        t.backend.put_dhcp_host(net, &a).await.expect("add");
+        t.backend.put_dhcp_host(net, &a).await.expect("add again");
+        let b = t.lease(0x11, 11, "job-b");
+        t.backend.put_dhcp_host(net, &b).await.expect("add b");
+        assert_eq!(t.entries(), [entry(&a), entry(&b)]);
+
+        // Same MAC (in another case), new address and name: replaced in place.
+        let mut a2 = t.lease(0x10, 20, "job-a2");
+        a2.mac = a2.mac.to_uppercase();
+        t.backend.put_dhcp_host(net, &a2).await.expect("replace");
+        let mut a2_stored = entry(&a2);
+        a2_stored.mac = a.mac.clone(); // stored lowercase
+        assert_eq!(t.entries(), [a2_stored.clone(), entry(&b)]);
+
+        // Another MAC may not take b's address or name, nor use a non-guest address.
+        for (h, needle) in [
+            (t.lease(0x12, 11, "job-c"), "is leased to 52:54:00:fa:00:11"),
+            (t.lease(0x12, 12, "job-b"), "hostname job-b is leased"),
+            (t.lease(0x12, 1, "job-c"), "not a guest address"),
+            (t.lease(0x12, 12, "a,b"), "hostname"),
+        ] {
+            let e = t.backend.put_dhcp_host(net, &h).await.expect_err("refused");
+            let text = format!("{e}: {:?}", std::error::Error::source(&e));
+            assert!(matches!(e, BackendError::Network { .. }), "{text}");
+            assert!(text.contains(needle), "{needle:?} not in {text}");
+        }
+        assert_eq!(t.entries(), [a2_stored, entry(&b)]);
+
+        t.backend
+            .remove_dhcp_host(net, &a.mac)
+            .await
+            .expect("remove");
+        t.backend
+            .remove_dhcp_host(net, &a.mac)
+            .await
+            .expect("remove again");
+        assert_eq!(t.entries(), [entry(&b)]);
+
+        // On a stopped network a lease goes into the definition and is there once it runs.
+        // (The test driver then keeps a stale persistent definition without it, which it does
+        // not show: removing it must still work. qemu_system checks the real driver.)
+        t.network().destroy().expect("stop");
+        let c = t.lease(0x12, 12, "job-c");
+        t.backend
+            .put_dhcp_host(net, &c)
+            .await
+            .expect("add while stopped");
+        t.backend.ensure_network(&t.spec).await.expect("start");
+        assert_eq!(t.entries(), [entry(&b), entry(&c)]);
+        t.backend
+            .remove_dhcp_host(net, &b.mac)
+            .await
+            .expect("remove b");
+        t.backend
+            .remove_dhcp_host(net, &c.mac)
+            .await
+            .expect("remove c");
+        t.backend
+            .remove_dhcp_host(net, &c.mac)
+            .await
+            .expect("remove c again");
+        assert!(t.entries().is_empty());
+        // And put again: the live view lacks it, the stale persistent one may not.
+        t.backend.put_dhcp_host(net, &c).await.expect("add c again");
+        assert_eq!(t.entries(), [entry(&c)]);
+    }
+}

@@ -19,20 +19,35 @@
 //! threads ending when a session is dropped or the domain is destroyed), and `NotRunning` for a
 //! shut-off domain.
 //!
-//! Domains are named `vmhost-test-qemu-<pid>-…` and stamped with job `pid-<pid>`; leftovers of
-//! earlier runs whose process is gone are removed first. Nothing else is touched.
+//! The private network (root, `ip` and `/bin/busybox` needed; required where real VMs are):
+//! - `ensure_network` creates the bridge with the gateway address and a dnsmasq; a lease put
+//!   with `put_dhcp_host` is in dnsmasq's hosts file, and `busybox udhcpc` in a network
+//!   namespace whose veth is on the bridge gets exactly the fixed address (and the gateway
+//!   resolves the lease's hostname), an unlisted MAC gets no lease, a replaced lease is
+//!   served live, a removed one is gone; a lease put while the network is stopped is served
+//!   after `ensure_network` starts it again;
+//! - a busybox-tiny domain with a `Network` and a `Bridge` NIC runs with vmhost's tap names,
+//!   each enslaved to its bridge.
+//!
+//! Domains are named `vmhost-test-qemu-<pid>-…` and stamped with job `pid-<pid>`; networks
+//! `vmhost-test-pnet-<pid>-…`, namespaces `vmhost-test-ns-<pid>-…`, bridges `vhr<pid>`/`vhb<pid>…`,
+//! on a free 10.250.x.0/24. Leftovers of earlier runs whose process is gone are removed
+//! first. Nothing else is touched, and test traffic stays on the test's own bridge.
 
 #[path = "common/libvirt.rs"]
 mod common;
+#[path = "common/net.rs"]
+mod net;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{busybox_initramfs, host_kernel, make_base_image, spec, unique_name, wait_event};
-use vmhost::backend::libvirt::LibvirtBackend;
+use vmhost::backend::libvirt::{network_xml, LibvirtBackend};
 use vmhost::backend::{
-    Accel, BackendError, BootMode, PowerState, StopCause, VmBackend, VmEvent, VmFiles,
+    Accel, BackendError, BootMode, DhcpHost, NicAttachment, NicSpec, PowerState,
+    PrivateNetworkSpec, StopCause, VmBackend, VmEvent, VmFiles,
 };
 
 const URI: &str = "qemu:///system";
@@ -457,4 +472,319 @@ async fn consoles(backend: LibvirtBackend, s: vmhost::backend::VmSpec) {
     wait_serial_threads(threads_before, step).await;
     assert_not_running(backend.open_vnc(&s.name).await, &s.name);
     assert_not_running(backend.open_serial(&s.name).await, &s.name);
+}
+
+// ---- the private network on the real daemon ----
+
+/// Whether this process can make network namespaces and veths (root with `ip`).
+fn can_make_netns() -> bool {
+    let root = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(str::to_owned))
+        .is_some_and(|l| l.split_whitespace().nth(2) == Some("0"));
+    let ok = root && Path::new("/bin/busybox").exists() && net::try_run(&["ip", "-V"]).is_ok();
+    let required = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false")
+        || std::env::var_os("VMHOST_REQUIRE_REAL_VM").is_some();
+    assert!(
+        ok || !required,
+        "the network tests need root, ip and /bin/busybox"
+    );
+    if !ok {
+        eprintln!("skipping the real network test: needs root, ip and /bin/busybox");
+    }
+    ok
+}
+
+/// A private network spec of this process (`salt` tells a test's networks apart).
+fn private_network(salt: u32) -> PrivateNetworkSpec {
+    let pid = std::process::id();
+    let bridge = format!("vhb{pid}n{salt}");
+    assert!(bridge.len() <= 15);
+    PrivateNetworkSpec {
+        name: format!("{}{pid}-{salt}", net::NET_PREFIX),
+        bridge,
+        gateway: net::free_subnet(salt),
+        prefix_len: 24,
+    }
+}
+
+fn lease(spec: &PrivateNetworkSpec, mac_last: u8, last: u8, hostname: &str) -> DhcpHost {
+    let [a, b, c, _] = spec.gateway.octets();
+    DhcpHost {
+        mac: format!(
+            "52:54:00:fa:{:02x}:{mac_last:02x}",
+            std::process::id() % 256
+        ),
+        address: std::net::Ipv4Addr::new(a, b, c, last),
+        hostname: hostname.to_owned(),
+    }
+}
+
+fn dnsmasq_file(net: &str, ext: &str) -> String {
+    std::fs::read_to_string(format!("/var/lib/libvirt/dnsmasq/{net}.{ext}")).unwrap_or_default()
+}
+
+/// Whether a dnsmasq runs with this network's config file.
+fn dnsmasq_runs(net: &str) -> bool {
+    let conf = format!("--conf-file=/var/lib/libvirt/dnsmasq/{net}.conf");
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(Result::ok)
+        .filter_map(|p| std::fs::read(p.path().join("cmdline")).ok())
+        .any(|c| c.split(|b| *b == 0).any(|arg| arg == conf.as_bytes()))
+}
+
+/// The persistent definition's leases, through a raw connection.
+fn persistent_hosts(conn: &virt::connect::Connect, net: &str) -> Vec<network_xml::HostEntry> {
+    let n = conn.lookup_network_by_name(net).expect("network");
+    let xml = n
+        .xml_desc(virt::sys::VIR_NETWORK_XML_INACTIVE)
+        .expect("inactive xml");
+    network_xml::parse(&xml).hosts
+}
+
+/// Destroys and undefines `net` (ours) if it exists.
+fn remove_network(conn: &virt::connect::Connect, net: &str) {
+    if let Ok(n) = conn.lookup_network_by_name(net) {
+        let _ = n.destroy();
+        let _ = n.undefine();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn real_private_network_gives_a_dhcp_client_its_fixed_address() {
+    if let Some(reason) = skip_reason() {
+        eprintln!("skipping the real network test: {reason}");
+        return;
+    }
+    if !can_make_netns() {
+        return;
+    }
+    common::init_tracing();
+    let t0 = Instant::now();
+    let backend = LibvirtBackend::connect(URI).await.expect("connect");
+    let raw = virt::connect::Connect::open(Some(URI)).expect("raw connect");
+    net::remove_leftovers(&raw);
+    let spec = private_network(0);
+    let outcome = tokio::spawn(fixed_leases(backend.clone(), spec.clone())).await;
+    remove_network(&raw, &spec.name);
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+    assert!(!dnsmasq_runs(&spec.name), "dnsmasq outlived the network");
+    assert!(net::try_run(&["ip", "link", "show", &spec.bridge]).is_err());
+    eprintln!("real network test took {:?}", t0.elapsed());
+}
+
+async fn fixed_leases(backend: LibvirtBackend, spec: PrivateNetworkSpec) {
+    let raw = virt::connect::Connect::open(Some(URI)).expect("raw connect");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let net = spec.name.as_str();
+    backend.ensure_network(&spec).await.expect("ensure_network");
+    backend.ensure_network(&spec).await.expect("again");
+    let addr = net::run(&["ip", "-4", "-o", "addr", "show", "dev", &spec.bridge]);
+    assert!(
+        addr.contains(&format!("inet {}/24", spec.gateway)),
+        "bridge address: {addr}"
+    );
+    assert!(dnsmasq_runs(net), "no dnsmasq for {net}");
+    // No lease yet: libvirt gives dnsmasq no DHCP range at all.
+    assert!(!dnsmasq_file(net, "conf").contains("dhcp-range"));
+
+    let a = lease(&spec, 0x10, 10, "pnet-a");
+    backend.put_dhcp_host(net, &a).await.expect("put");
+    backend.put_dhcp_host(net, &a).await.expect("put again");
+    let hosts_line = format!("{},{},{}", a.mac, a.address, a.hostname);
+    assert_eq!(dnsmasq_file(net, "hostsfile").trim(), hosts_line);
+    let conf = dnsmasq_file(net, "conf");
+    assert!(
+        conf.contains(&format!("dhcp-range={},static", spec.gateway)),
+        "only fixed leases: {conf}"
+    );
+    assert_eq!(persistent_hosts(&raw, net).len(), 1);
+
+    // A client with the lease's MAC behind a veth on the bridge gets exactly its address,
+    // and the gateway resolves its hostname.
+    let ns = net::Netns::new(0, &spec.bridge, &a.mac);
+    let t = Instant::now();
+    assert_eq!(ns.dhcp(dir.path(), 15), Some(a.address), "fixed lease");
+    eprintln!("DHCP lease after {:?}", t.elapsed());
+    let gw = spec.gateway.to_string();
+    let answer = ns.exec(&["busybox", "nslookup", &a.hostname, &gw]);
+    assert!(answer.contains(&a.address.to_string()), "{answer}");
+
+    // An unknown MAC gets nothing: there is no dynamic range.
+    ns.set_mac(&lease(&spec, 0x99, 99, "x").mac);
+    assert_eq!(ns.dhcp(dir.path(), 3), None, "an unlisted MAC got a lease");
+
+    // Replacing the lease of the MAC takes effect live.
+    ns.set_mac(&a.mac);
+    let a2 = lease(&spec, 0x10, 20, "pnet-a2");
+    backend.put_dhcp_host(net, &a2).await.expect("replace");
+    let line2 = format!("{},{},{}", a.mac, a2.address, a2.hostname);
+    assert_eq!(dnsmasq_file(net, "hostsfile").trim(), line2);
+    assert_eq!(ns.dhcp(dir.path(), 15), Some(a2.address), "replaced lease");
+
+    backend.remove_dhcp_host(net, &a.mac).await.expect("remove");
+    backend
+        .remove_dhcp_host(net, &a.mac)
+        .await
+        .expect("remove again");
+    assert!(!dnsmasq_file(net, "hostsfile").contains(&a.mac));
+    assert!(persistent_hosts(&raw, net).is_empty());
+    assert_eq!(
+        ns.dhcp(dir.path(), 3),
+        None,
+        "a removed lease is still served"
+    );
+
+    // After a restart the network is defined but inactive: a lease put meanwhile goes into
+    // the definition, and ensure_network starts the network with it.
+    raw.lookup_network_by_name(net)
+        .expect("network")
+        .destroy()
+        .expect("stop the network");
+    let b = lease(&spec, 0x11, 11, "pnet-b");
+    backend
+        .put_dhcp_host(net, &b)
+        .await
+        .expect("put while stopped");
+    backend.ensure_network(&spec).await.expect("start again");
+    assert!(dnsmasq_runs(net));
+    let line_b = format!("{},{},{}", b.mac, b.address, b.hostname);
+    assert_eq!(dnsmasq_file(net, "hostsfile").trim(), line_b);
+    ns.set_mac(&b.mac);
+    // The new bridge port of the re-created bridge: attach the veth again.
+    let host_end = format!("vhv{}x0", std::process::id());
+    net::run(&["ip", "link", "set", &host_end, "master", &spec.bridge]);
+    assert_eq!(
+        ns.dhcp(dir.path(), 15),
+        Some(b.address),
+        "lease after restart"
+    );
+    backend
+        .remove_dhcp_host(net, &b.mac)
+        .await
+        .expect("remove b");
+    assert!(persistent_hosts(&raw, net).is_empty());
+    assert!(dnsmasq_file(net, "hostsfile").trim().is_empty());
+
+    let mut other = spec.clone();
+    other.prefix_len = 16;
+    let e = backend.ensure_network(&other).await.expect_err("mismatch");
+    assert!(matches!(e, BackendError::NetworkMismatch { .. }), "{e:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn real_domain_nics_get_the_tap_names_vmhost_chose() {
+    if let Some(reason) = skip_reason() {
+        eprintln!("skipping the real tap test: {reason}");
+        return;
+    }
+    if !test_image_available() || !can_make_netns() {
+        return;
+    }
+    common::init_tracing();
+    let t0 = Instant::now();
+    let dir = tempfile::Builder::new()
+        .prefix("vmhost-test-qemu-")
+        .tempdir()
+        .expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let backend = LibvirtBackend::connect(URI).await.expect("connect");
+    let raw = virt::connect::Connect::open(Some(URI)).expect("raw connect");
+    remove_leftovers(&backend).await;
+    net::remove_leftovers(&raw);
+
+    let (kernel, initrd) = (dir.path().join("vmlinuz"), dir.path().join("initrd.img"));
+    std::fs::copy(Path::new(TEST_IMAGE).join("vmlinuz"), &kernel).expect("copy kernel");
+    std::fs::copy(Path::new(TEST_IMAGE).join("initrd.img"), &initrd).expect("copy initrd");
+    let boot = BootMode::Kernel {
+        kernel,
+        initrd,
+        cmdline: "console=ttyS0 panic=-1".to_owned(),
+    };
+    let base = dir.path().join("base.raw");
+    make_base_image(&base, 16);
+    let mut s = spec(dir.path(), &unique_name(PREFIX), &base, Accel::Tcg, boot);
+    let network = private_network(1);
+    let bridge = net::HostBridge::new();
+    let pid = std::process::id();
+    s.nics = vec![
+        NicSpec {
+            attachment: NicAttachment::Network(network.name.clone()),
+            mac: lease(&network, 0x20, 20, "x").mac,
+            tap: format!("vht{pid}n0"),
+        },
+        NicSpec {
+            attachment: NicAttachment::Bridge(bridge.name.clone()),
+            mac: lease(&network, 0x21, 21, "x").mac,
+            tap: format!("vht{pid}n1"),
+        },
+    ];
+    let outcome = tokio::spawn(taps(
+        backend.clone(),
+        s.clone(),
+        network.clone(),
+        bridge.name.clone(),
+    ))
+    .await;
+    backend.remove(&s.name, &s.files()).await.expect("remove");
+    remove_network(&raw, &network.name);
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+    for nic in &s.nics {
+        assert!(
+            net::try_run(&["ip", "link", "show", &nic.tap]).is_err(),
+            "{} left",
+            nic.tap
+        );
+    }
+    eprintln!("real tap test took {:?}", t0.elapsed());
+}
+
+async fn taps(
+    backend: LibvirtBackend,
+    s: vmhost::backend::VmSpec,
+    network: PrivateNetworkSpec,
+    bridge: String,
+) {
+    backend.ensure_network(&network).await.expect("network");
+    backend.ensure_defined(&s).await.expect("define");
+    backend.start(&s.name).await.expect("start");
+    wait_console(
+        &s.console_log,
+        Some("vmhost-tiny: booted"),
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_eq!(
+        backend.state(&s.name).await.expect("state"),
+        Some(PowerState::Running)
+    );
+    let masters = [network.bridge.as_str(), bridge.as_str()];
+    for (nic, master) in s.nics.iter().zip(masters) {
+        net::run(&["ip", "link", "show", &nic.tap]);
+        assert_eq!(
+            net::master_of(&nic.tap).as_deref(),
+            Some(master),
+            "{}",
+            nic.tap
+        );
+    }
+    // libvirt reports the same names in the live XML.
+    let raw = virt::connect::Connect::open(Some(URI)).expect("raw connect");
+    let xml = raw
+        .lookup_domain_by_name(&s.name)
+        .expect("domain")
+        .xml_desc(0)
+        .expect("xml");
+    for nic in &s.nics {
+        assert!(
+            xml.contains(&format!("<target dev='{}'/>", nic.tap)),
+            "{xml}"
+        );
+    }
+    backend.destroy(&s.name).await.expect("destroy");
 }

@@ -13,6 +13,13 @@
 //!   rectangle, skips the other client messages by their sizes and closes on unknown ones;
 //! - serial: a fake guest that echoes every byte and answers a line `echo X` (ended by `\r` or
 //!   `\n`) with `X\r\n`.
+//!
+//! Networks behave like libvirt's as vmhost uses them: `ensure_network` refuses a network of
+//! the same name with another bridge or address, starts an inactive one
+//! ([`FakeBackend::simulate_network_stop`] makes one, as a host restart does), and fixed
+//! leases are keyed by MAC, refused when another MAC holds the address or hostname, and an
+//! unknown network is [`BackendError::NoSuchNetwork`]. A domain's NICs are in its
+//! [`FakeDomain::spec`] (see [`FakeBackend::snapshot`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -38,10 +45,21 @@ pub struct FakeDomain {
     pub stop_cause: Option<StopCause>,
 }
 
+/// A libvirt network in the fake hypervisor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FakeNetwork {
+    pub spec: PrivateNetworkSpec,
+    pub active: bool,
+    /// Fixed DHCP leases, in the order they were added.
+    pub hosts: Vec<DhcpHost>,
+}
+
 #[derive(Debug)]
 pub struct FakeBackend {
     /// Guarded state; never held across an await.
     domains: Mutex<BTreeMap<String, FakeDomain>>,
+    /// Networks by name; never held across an await (nor together with another lock).
+    networks: Mutex<BTreeMap<String, FakeNetwork>>,
     /// Console sessions per domain name (entries are kept after the domain goes). Never held
     /// across an await; when both are needed, `domains` is locked first.
     consoles: Mutex<HashMap<String, FakeConsoles>>,
@@ -104,6 +122,7 @@ impl FakeBackend {
         let (events, _) = broadcast::channel(256);
         FakeBackend {
             domains: Mutex::new(BTreeMap::new()),
+            networks: Mutex::new(BTreeMap::new()),
             consoles: Mutex::new(HashMap::new()),
             failures: Mutex::new(Failures::default()),
             events,
@@ -130,8 +149,33 @@ impl FakeBackend {
         Ok(())
     }
 
+    fn nets(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, FakeNetwork>> {
+        self.networks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every domain with its spec (NICs included) and state.
     pub fn snapshot(&self) -> BTreeMap<String, FakeDomain> {
         self.domains().clone()
+    }
+
+    /// Every network by name.
+    pub fn networks(&self) -> BTreeMap<String, FakeNetwork> {
+        self.nets().clone()
+    }
+
+    /// The fixed leases of `network` (empty if there is no such network).
+    pub fn dhcp_hosts(&self, network: &str) -> Vec<DhcpHost> {
+        self.nets()
+            .get(network)
+            .map(|n| n.hosts.clone())
+            .unwrap_or_default()
+    }
+
+    /// The network stops but stays defined, as after a libvirtd or host restart.
+    pub fn simulate_network_stop(&self, network: &str) {
+        if let Some(n) = self.nets().get_mut(network) {
+            n.active = false;
+        }
     }
 
     pub fn fail_define_of(&self, name_part: &str) {
@@ -409,22 +453,99 @@ impl VmBackend for FakeBackend {
         self.open_console(name, true, serve_serial)
     }
 
-    async fn ensure_network(&self, _spec: &PrivateNetworkSpec) -> Result<(), BackendError> {
-        Err(BackendError::NotSupported {
+    async fn ensure_network(&self, spec: &PrivateNetworkSpec) -> Result<(), BackendError> {
+        self.check_available()?;
+        let network_error = |err: String| BackendError::Network {
             op: "ensure_network",
-        })
+            name: spec.name.clone(),
+            err: err.into(),
+        };
+        if let Some(p) = spec.problem() {
+            return Err(network_error(p));
+        }
+        let mut nets = self.nets();
+        let bridge_taken = nets
+            .values()
+            .any(|n| n.spec.name != spec.name && n.spec.bridge == spec.bridge);
+        let n = match nets.get_mut(&spec.name) {
+            Some(n) => n,
+            // libvirt refuses a second network on the same bridge.
+            None if bridge_taken => {
+                return Err(network_error(format!(
+                    "bridge {} is used by another network",
+                    spec.bridge
+                )))
+            }
+            None => nets.entry(spec.name.clone()).or_insert(FakeNetwork {
+                spec: spec.clone(),
+                active: false,
+                hosts: Vec::new(),
+            }),
+        };
+        let have = &n.spec;
+        let mut problems = Vec::new();
+        if have.bridge != spec.bridge {
+            problems.push(format!("bridge is {}, want {}", have.bridge, spec.bridge));
+        }
+        if (have.gateway, have.prefix_len) != (spec.gateway, spec.prefix_len) {
+            problems.push(format!(
+                "IPv4 address is {}/{}, want {}/{}",
+                have.gateway, have.prefix_len, spec.gateway, spec.prefix_len
+            ));
+        }
+        if !problems.is_empty() {
+            return Err(BackendError::NetworkMismatch {
+                name: spec.name.clone(),
+                detail: problems.join("; "),
+            });
+        }
+        n.active = true;
+        Ok(())
     }
 
-    async fn put_dhcp_host(&self, _network: &str, _host: &DhcpHost) -> Result<(), BackendError> {
-        Err(BackendError::NotSupported {
-            op: "put_dhcp_host",
-        })
+    async fn put_dhcp_host(&self, network: &str, host: &DhcpHost) -> Result<(), BackendError> {
+        self.check_available()?;
+        let mut nets = self.nets();
+        let n = nets.get_mut(network).ok_or(BackendError::NoSuchNetwork {
+            name: network.to_owned(),
+        })?;
+        let others = n.hosts.iter().filter(|h| !h.has_mac(&host.mac));
+        let conflict = others.into_iter().find_map(|h| {
+            if h.address == host.address {
+                Some(format!("address {} is leased to {}", host.address, h.mac))
+            } else if h.hostname.eq_ignore_ascii_case(&host.hostname) {
+                Some(format!("hostname {} is leased to {}", host.hostname, h.mac))
+            } else {
+                None
+            }
+        });
+        if let Some(p) = n.spec.host_problem(host).or(conflict) {
+            return Err(BackendError::Network {
+                op: "put_dhcp_host",
+                name: network.to_owned(),
+                err: p.into(),
+            });
+        }
+        // Stored with a lowercase MAC, as the libvirt backend writes it.
+        let host = DhcpHost {
+            mac: host.mac.to_ascii_lowercase(),
+            ..host.clone()
+        };
+        match n.hosts.iter_mut().find(|h| h.has_mac(&host.mac)) {
+            Some(h) => *h = host,
+            None => n.hosts.push(host),
+        }
+        Ok(())
     }
 
-    async fn remove_dhcp_host(&self, _network: &str, _mac: &str) -> Result<(), BackendError> {
-        Err(BackendError::NotSupported {
-            op: "remove_dhcp_host",
-        })
+    async fn remove_dhcp_host(&self, network: &str, mac: &str) -> Result<(), BackendError> {
+        self.check_available()?;
+        let mut nets = self.nets();
+        let n = nets.get_mut(network).ok_or(BackendError::NoSuchNetwork {
+            name: network.to_owned(),
+        })?;
+        n.hosts.retain(|h| !h.has_mac(mac));
+        Ok(())
     }
 
     fn subscribe(&self) -> broadcast::Receiver<VmEvent> {
@@ -622,6 +743,136 @@ mod tests {
             .expect("in time")
             .expect("read");
         buf
+    }
+
+    fn net_spec(name: &str, bridge: &str) -> PrivateNetworkSpec {
+        PrivateNetworkSpec {
+            name: name.to_owned(),
+            bridge: bridge.to_owned(),
+            gateway: std::net::Ipv4Addr::new(10, 250, 7, 1),
+            prefix_len: 24,
+        }
+    }
+
+    fn lease(mac: &str, last: u8, name: &str) -> DhcpHost {
+        DhcpHost {
+            mac: mac.to_owned(),
+            address: std::net::Ipv4Addr::new(10, 250, 7, last),
+            hostname: name.to_owned(),
+        }
+    }
+
+    #[tokio::test]
+    async fn fake_network_is_ensured_once_and_refuses_another_config() {
+        let fake = FakeBackend::default();
+        let spec = net_spec("priv", "vmhost0");
+        fake.ensure_network(&spec).await.expect("create");
+        fake.ensure_network(&spec).await.expect("idempotent");
+        let nets = fake.networks();
+        assert_eq!(nets.len(), 1);
+        assert!(nets["priv"].active);
+        assert_eq!(nets["priv"].spec, spec);
+
+        fake.simulate_network_stop("priv");
+        assert!(!fake.networks()["priv"].active);
+        fake.ensure_network(&spec).await.expect("starts it again");
+        assert!(fake.networks()["priv"].active);
+
+        let mut other = spec.clone();
+        other.bridge = "vmhost1".to_owned();
+        other.prefix_len = 16;
+        let e = fake.ensure_network(&other).await.expect_err("mismatch");
+        assert!(
+            matches!(&e, BackendError::NetworkMismatch { name, detail }
+                if name == "priv" && detail.contains("vmhost1") && detail.contains("/16")),
+            "{e:?}"
+        );
+        assert_eq!(fake.networks()["priv"].spec, spec, "never changed");
+
+        let e = fake
+            .ensure_network(&net_spec("second", "vmhost0"))
+            .await
+            .expect_err("bridge in use");
+        assert!(matches!(e, BackendError::Network { .. }), "{e:?}");
+        let mut bad = spec.clone();
+        bad.bridge = "sixteen-bytes-xx".to_owned();
+        let e = fake.ensure_network(&bad).await.expect_err("invalid");
+        assert!(matches!(e, BackendError::Network { .. }), "{e:?}");
+    }
+
+    #[tokio::test]
+    async fn fake_leases_are_keyed_by_mac() {
+        let fake = FakeBackend::default();
+        let a = lease("52:54:00:fa:00:10", 10, "job-a");
+        let e = fake
+            .put_dhcp_host("priv", &a)
+            .await
+            .expect_err("no network");
+        assert!(
+            matches!(&e, BackendError::NoSuchNetwork { name } if name == "priv"),
+            "{e:?}"
+        );
+        let e = fake
+            .remove_dhcp_host("priv", &a.mac)
+            .await
+            .expect_err("no network");
+        assert!(matches!(e, BackendError::NoSuchNetwork { .. }), "{e:?}");
+
+        fake.ensure_network(&net_spec("priv", "vmhost0"))
+            .await
+            .expect("network");
+        fake.put_dhcp_host("priv", &a).await.expect("add");
+        fake.put_dhcp_host("priv", &a).await.expect("idempotent");
+        let b = lease("52:54:00:fa:00:11", 11, "job-b");
+        fake.put_dhcp_host("priv", &b).await.expect("add b");
+        assert_eq!(fake.dhcp_hosts("priv"), [a.clone(), b.clone()]);
+
+        // Replacing by MAC (any case) keeps one entry.
+        let a2 = lease("52:54:00:FA:00:10", 20, "job-a2");
+        fake.put_dhcp_host("priv", &a2).await.expect("replace");
+        let a2 = lease("52:54:00:fa:00:10", 20, "job-a2");
+        assert_eq!(fake.dhcp_hosts("priv"), [a2.clone(), b.clone()]);
+
+        for (h, needle) in [
+            (
+                lease("52:54:00:fa:00:12", 11, "job-c"),
+                "address 10.250.7.11",
+            ),
+            (lease("52:54:00:fa:00:12", 12, "job-b"), "hostname job-b"),
+            (
+                lease("52:54:00:fa:00:12", 1, "job-c"),
+                "not a guest address",
+            ),
+            (lease("52:54:00:fa:00:12", 12, "a b"), "hostname"),
+        ] {
+            let e = fake.put_dhcp_host("priv", &h).await.expect_err("refused");
+            let text = format!("{:?}", e);
+            assert!(text.contains(needle), "{h:?}: {text}");
+        }
+        assert_eq!(fake.dhcp_hosts("priv"), [a2.clone(), b.clone()]);
+
+        fake.remove_dhcp_host("priv", "52:54:00:fa:00:10")
+            .await
+            .expect("remove");
+        fake.remove_dhcp_host("priv", "52:54:00:fa:00:10")
+            .await
+            .expect("remove is idempotent");
+        assert_eq!(fake.dhcp_hosts("priv"), [b]);
+    }
+
+    #[tokio::test]
+    async fn fake_snapshot_shows_the_nics_of_defined_domains() {
+        use crate::backend::{NicAttachment, NicSpec};
+        let fake = FakeBackend::default();
+        let mut s = spec("vm");
+        let nic = NicSpec {
+            attachment: NicAttachment::Network("priv".to_owned()),
+            mac: "52:54:00:fa:00:10".to_owned(),
+            tap: "vh0123456789n0".to_owned(),
+        };
+        s.nics = vec![nic.clone()];
+        fake.ensure_defined(&s).await.expect("define");
+        assert_eq!(fake.snapshot()["vm"].spec.nics, [nic]);
     }
 
     #[tokio::test]

@@ -71,12 +71,109 @@ pub struct PrivateNetworkSpec {
     pub prefix_len: u8,
 }
 
+impl PrivateNetworkSpec {
+    /// Why this spec cannot be a network vmhost owns, if it cannot: libvirt accepts some of
+    /// these (a gateway that is the subnet's broadcast address) and fails late on others (a
+    /// bridge name the kernel refuses), so both backends check them first.
+    pub fn problem(&self) -> Option<String> {
+        if self.name.is_empty() || self.name.contains('/') {
+            return Some("the network name is empty or contains '/'".to_owned());
+        }
+        if !is_ifname(&self.bridge) {
+            return Some(format!(
+                "bridge name {:?} is not 1 to 15 bytes of [A-Za-z0-9_.-]",
+                self.bridge
+            ));
+        }
+        if !(8..=30).contains(&self.prefix_len) {
+            return Some(format!(
+                "prefix /{} leaves no room for guests (use /8 to /30)",
+                self.prefix_len
+            ));
+        }
+        let (network, broadcast) = self.subnet_bounds();
+        if self.gateway == network || self.gateway == broadcast {
+            return Some(format!(
+                "gateway {} is the network or broadcast address of /{}",
+                self.gateway, self.prefix_len
+            ));
+        }
+        None
+    }
+
+    /// Why `host` cannot be a fixed lease of this network, if it cannot (libvirt itself
+    /// accepts an address outside the subnet and a name that breaks dnsmasq's hosts file).
+    pub fn host_problem(&self, host: &DhcpHost) -> Option<String> {
+        if let Some(p) = host.problem() {
+            return Some(p);
+        }
+        let (network, broadcast) = self.subnet_bounds();
+        let a = host.address;
+        if a <= network || a >= broadcast || a == self.gateway {
+            return Some(format!(
+                "address {a} is not a guest address of {}/{}",
+                network, self.prefix_len
+            ));
+        }
+        None
+    }
+
+    /// The subnet's network and broadcast addresses.
+    fn subnet_bounds(&self) -> (std::net::Ipv4Addr, std::net::Ipv4Addr) {
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(self.prefix_len.min(32)))
+            .unwrap_or(0);
+        let gw = u32::from(self.gateway);
+        ((gw & mask).into(), (gw | !mask).into())
+    }
+}
+
 /// A fixed DHCP lease of the private network: this MAC always gets this address and name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DhcpHost {
     pub mac: String,
     pub address: std::net::Ipv4Addr,
     pub hostname: String,
+}
+
+impl DhcpHost {
+    /// Why this entry is malformed, if it is: the MAC must be `xx:xx:xx:xx:xx:xx` (hex) and
+    /// the hostname one DNS label (libvirt would write a comma or space in it straight into
+    /// dnsmasq's hosts file).
+    pub fn problem(&self) -> Option<String> {
+        let octets: Vec<_> = self.mac.split(':').collect();
+        let mac_ok = octets.len() == 6
+            && octets
+                .iter()
+                .all(|o| o.len() == 2 && o.bytes().all(|b| b.is_ascii_hexdigit()));
+        if !mac_ok {
+            return Some(format!("MAC {:?} is not xx:xx:xx:xx:xx:xx", self.mac));
+        }
+        let h = &self.hostname;
+        let label_ok = (1..=63).contains(&h.len())
+            && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !h.starts_with('-')
+            && !h.ends_with('-');
+        if !label_ok {
+            return Some(format!("hostname {h:?} is not a DNS label"));
+        }
+        None
+    }
+
+    /// Whether `mac` is this entry's MAC (libvirt lowercases MACs; callers may not).
+    pub fn has_mac(&self, mac: &str) -> bool {
+        self.mac.eq_ignore_ascii_case(mac)
+    }
+}
+
+/// A Linux interface name: 1 to 15 bytes, none of them `/`, `:`, whitespace or NUL (we also
+/// keep it to characters that need no quoting anywhere).
+fn is_ifname(s: &str) -> bool {
+    (1..=15).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+        && s != "."
+        && s != ".."
 }
 
 /// Everything the backend needs to create one VM (one rank of a job).
@@ -221,6 +318,11 @@ pub enum BackendError {
     },
     #[error("domain {name} does not exist")]
     NoSuchDomain { name: String },
+    #[error("network {name} does not exist")]
+    NoSuchNetwork { name: String },
+    /// A network of that name exists but is not the one asked for; vmhost never redefines it.
+    #[error("network {name} exists with another configuration: {detail}")]
+    NetworkMismatch { name: String, detail: String },
     /// The domain exists but is not running, so it has no console to open.
     #[error("domain {name} is not running")]
     NotRunning { name: String },
@@ -234,6 +336,15 @@ pub enum BackendError {
     NotSupported { op: &'static str },
     #[error("{op} failed for domain {name}")]
     Hypervisor {
+        op: &'static str,
+        name: String,
+        #[source]
+        err: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A network operation failed or was refused (an invalid spec or lease, an address or
+    /// hostname already leased to another MAC).
+    #[error("{op} failed for network {name}")]
+    Network {
         op: &'static str,
         name: String,
         #[source]
@@ -278,10 +389,15 @@ pub trait VmBackend: Send + Sync + 'static {
     /// Attaches to the VM's serial console (bytes to and from the guest's ttyS0).
     async fn open_serial(&self, name: &str) -> Result<ConsoleStream, BackendError>;
     /// Defines (persistent, autostarted) and starts the private network unless it already
-    /// runs; an existing network of that name with another bridge or address is an error,
-    /// never silently changed.
+    /// runs; starts it if it is defined but inactive (after a libvirtd or host restart). An
+    /// existing network of that name that is not NAT or has another bridge or address is
+    /// [`BackendError::NetworkMismatch`], never silently changed. DHCP serves only the fixed
+    /// leases (no dynamic range); the gateway is the guests' router and DNS server.
     async fn ensure_network(&self, spec: &PrivateNetworkSpec) -> Result<(), BackendError>;
-    /// Adds or replaces (by MAC) a fixed DHCP lease, live and in the persistent definition.
+    /// Adds or replaces (by MAC, ignoring case) a fixed DHCP lease, live and in the persistent
+    /// definition; idempotent. Refused ([`BackendError::Network`]) when the address is not a
+    /// guest address of the network or another MAC holds the address or hostname;
+    /// [`BackendError::NoSuchNetwork`] for an unknown network.
     async fn put_dhcp_host(&self, network: &str, host: &DhcpHost) -> Result<(), BackendError>;
     /// Removes the fixed lease of `mac`; `Ok` if there is none.
     async fn remove_dhcp_host(&self, network: &str, mac: &str) -> Result<(), BackendError>;

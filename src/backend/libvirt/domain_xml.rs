@@ -206,13 +206,14 @@ pub fn parse_owner(xml: &str) -> Option<DomainOwner> {
 }
 
 /// A start (or empty-element) tag with its raw attributes.
-struct Tag<'a> {
-    name: &'a str,
+pub(super) struct Tag<'a> {
+    pub(super) name: &'a str,
     attrs: Vec<(&'a str, &'a str)>,
 }
 
 impl Tag<'_> {
-    fn attr(&self, name: &str) -> Option<Cow<'_, str>> {
+    /// The decoded value of attribute `name`; `None` if absent or malformed.
+    pub(super) fn attr(&self, name: &str) -> Option<Cow<'_, str>> {
         self.attrs
             .iter()
             .find(|(n, _)| *n == name)
@@ -222,7 +223,7 @@ impl Tag<'_> {
 
 /// Iterates over the start tags of `xml`, skipping comments, CDATA, processing instructions,
 /// declarations and end tags. Malformed input ends the iteration.
-fn tags(xml: &str) -> impl Iterator<Item = Tag<'_>> {
+pub(super) fn tags(xml: &str) -> impl Iterator<Item = Tag<'_>> {
     let mut rest = xml;
     std::iter::from_fn(move || loop {
         let lt = rest.find('<')?;

@@ -22,14 +22,22 @@
 //! serial port is a libvirt stream attached with FORCE (the newest session replaces an older
 //! one) and bridged to async I/O by two dedicated threads per session.
 //!
+//! The private network (`network_xml.rs` renders and parses it, `ops.rs` applies it): network
+//! calls map libvirt's "no network" to [`BackendError::NoSuchNetwork`] and other failures to
+//! [`BackendError::Network`]; this process's network changes are serialised (each reads the
+//! XML, decides, then updates). Fixed leases are kept in step in the running network and its
+//! persistent definition, each checked on its own.
+//!
 //! Driver differences handled here: `test:///` refuses `shutdown_flags(ACPI_POWER_BTN)` and
 //! `undefine_flags(NVRAM)` ("unsupported flags"), so both fall back to flags the driver accepts;
-//! it has no consoles, so `open_vnc`/`open_serial` return [`BackendError::NotSupported`].
+//! it has no consoles, so `open_vnc`/`open_serial` return [`BackendError::NotSupported`]; it
+//! refuses `VIR_NETWORK_XML_INACTIVE`, so its live network XML stands for the persistent one.
 
 mod console;
 mod disk;
 pub mod domain_xml;
 mod events;
+pub mod network_xml;
 mod ops;
 
 use std::collections::HashMap;
@@ -76,6 +84,9 @@ struct Inner {
     /// VM do not interleave their file steps (and one's rollback cannot delete the other's
     /// files). Entries are removed by the last holder. A std mutex: never held across `.await`.
     defining: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Serialises this process's network changes: each one reads the network XML, decides,
+    /// then updates, and two puts of one MAC must not both decide to add it.
+    networks: tokio::sync::Mutex<()>,
 }
 
 /// One open connection with its callbacks.
@@ -131,6 +142,7 @@ impl LibvirtBackend {
             link: Mutex::new(None),
             reconnect: tokio::sync::Mutex::new(()),
             defining: Mutex::new(HashMap::new()),
+            networks: tokio::sync::Mutex::new(()),
         });
         inner.link().await?;
         Ok(LibvirtBackend { inner })
@@ -201,6 +213,19 @@ impl Inner {
         let link = self.link().await?;
         let name = name.to_owned();
         self.blocking(move || f(&link.conn).map_err(|e| map_error(op, name, &link, e)))
+            .await
+    }
+
+    /// Runs one libvirt operation `op` on network `name` and maps its error.
+    async fn call_net<R: Send + 'static>(
+        &self,
+        op: &'static str,
+        name: &str,
+        f: impl FnOnce(&Connect) -> Result<R, VirtError> + Send + 'static,
+    ) -> Result<R, BackendError> {
+        let link = self.link().await?;
+        let name = name.to_owned();
+        self.blocking(move || f(&link.conn).map_err(|e| map_network_error(op, name, &link, e)))
             .await
     }
 
@@ -435,6 +460,27 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// Logs a change with `changed`, or turns a refusal into an error.
+fn lease_result(
+    op: &'static str,
+    network: &str,
+    change: ops::LeaseChange,
+    changed: impl FnOnce(),
+) -> Result<(), BackendError> {
+    match change {
+        ops::LeaseChange::Unchanged => Ok(()),
+        ops::LeaseChange::Changed => {
+            changed();
+            Ok(())
+        }
+        ops::LeaseChange::Refused(reason) => Err(BackendError::Network {
+            op,
+            name: network.to_owned(),
+            err: reason.into(),
+        }),
+    }
+}
+
 /// The opened console, or the error for a domain that is not running or a driver without it.
 fn opened_or_error<T>(
     op: &'static str,
@@ -447,6 +493,21 @@ fn opened_or_error<T>(
             name: name.to_owned(),
         }),
         console::Opened::Unsupported => Err(BackendError::NotSupported { op }),
+    }
+}
+
+fn map_network_error(op: &'static str, name: String, link: &Link, e: VirtError) -> BackendError {
+    if e.code().is(ErrorNumber::NoNetwork) {
+        return BackendError::NoSuchNetwork { name };
+    }
+    if ops::is_connection_error(&e) {
+        link.alive.store(false, Ordering::SeqCst);
+        return BackendError::Unavailable { err: e.into() };
+    }
+    BackendError::Network {
+        op,
+        name,
+        err: e.into(),
     }
 }
 
@@ -584,21 +645,63 @@ impl VmBackend for LibvirtBackend {
         Ok(io)
     }
 
-    async fn ensure_network(&self, _spec: &PrivateNetworkSpec) -> Result<(), BackendError> {
-        Err(BackendError::NotSupported {
-            op: "ensure_network",
+    async fn ensure_network(&self, spec: &PrivateNetworkSpec) -> Result<(), BackendError> {
+        let op = "ensure_network";
+        if let Some(p) = spec.problem() {
+            return Err(BackendError::Network {
+                op,
+                name: spec.name.clone(),
+                err: p.into(),
+            });
+        }
+        let _one_change = self.inner.networks.lock().await;
+        let s = spec.clone();
+        let outcome = self
+            .inner
+            .call_net(op, &spec.name, move |c| ops::ensure_network(c, &s))
+            .await?;
+        let net = &spec.name;
+        match outcome {
+            ops::NetworkEnsured::Created => {
+                tracing::info!(network = %net, bridge = %spec.bridge, gateway = %spec.gateway, "defined and started the private network");
+            }
+            ops::NetworkEnsured::Started => {
+                tracing::info!(network = %net, "started the inactive private network");
+            }
+            ops::NetworkEnsured::Running => {}
+            ops::NetworkEnsured::Mismatch(detail) => {
+                return Err(BackendError::NetworkMismatch {
+                    name: net.clone(),
+                    detail,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn put_dhcp_host(&self, network: &str, host: &DhcpHost) -> Result<(), BackendError> {
+        let op = "put_dhcp_host";
+        let _one_change = self.inner.networks.lock().await;
+        let (n, h) = (network.to_owned(), host.clone());
+        let change = self
+            .inner
+            .call_net(op, network, move |c| ops::put_dhcp_host(c, &n, &h))
+            .await?;
+        lease_result(op, network, change, || {
+            tracing::info!(network, mac = %host.mac, address = %host.address, hostname = %host.hostname, "put DHCP lease");
         })
     }
 
-    async fn put_dhcp_host(&self, _network: &str, _host: &DhcpHost) -> Result<(), BackendError> {
-        Err(BackendError::NotSupported {
-            op: "put_dhcp_host",
-        })
-    }
-
-    async fn remove_dhcp_host(&self, _network: &str, _mac: &str) -> Result<(), BackendError> {
-        Err(BackendError::NotSupported {
-            op: "remove_dhcp_host",
+    async fn remove_dhcp_host(&self, network: &str, mac: &str) -> Result<(), BackendError> {
+        let op = "remove_dhcp_host";
+        let _one_change = self.inner.networks.lock().await;
+        let (n, m) = (network.to_owned(), mac.to_owned());
+        let change = self
+            .inner
+            .call_net(op, network, move |c| ops::remove_dhcp_host(c, &n, &m))
+            .await?;
+        lease_result(op, network, change, || {
+            tracing::info!(network, mac, "removed DHCP lease");
         })
     }
 

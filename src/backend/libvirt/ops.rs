@@ -9,10 +9,12 @@ use virt::connect::Connect;
 use virt::domain::{Domain, DomainShutoffReason, DomainState, DomainStateReason};
 use virt::enumutil::Enum;
 use virt::error::{Error as VirtError, ErrorDomain, ErrorNumber};
+use virt::network::Network;
 use virt::sys;
 
 use super::domain_xml;
-use crate::backend::{DomainInfo, PowerState, StopCause};
+use super::network_xml::{self, NetworkInfo};
+use crate::backend::{DhcpHost, DomainInfo, PowerState, PrivateNetworkSpec, StopCause};
 
 /// The connection itself failed (daemon gone, broken RPC): the caller should reconnect.
 pub(super) fn is_connection_error(e: &VirtError) -> bool {
@@ -196,6 +198,231 @@ fn power_state(state: Enum<DomainState, sys::virDomainState>) -> PowerState {
         // A state newer than the bindings: treat as running so nothing assumes it stopped.
         Enum::Unknown(_) => PowerState::Running,
     }
+}
+
+// ---- the private network ----
+
+/// What [`ensure_network`] found and did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum NetworkEnsured {
+    /// Defined, set to autostart and started by this call.
+    Created,
+    /// It existed inactive (after a libvirtd or host restart) and was started.
+    Started,
+    /// It already ran.
+    Running,
+    /// A network of that name is not this one; nothing was changed.
+    Mismatch(String),
+}
+
+pub(super) fn lookup_network(c: &Connect, name: &str) -> Result<Option<Network>, VirtError> {
+    match c.lookup_network_by_name(name) {
+        Ok(n) => Ok(Some(n)),
+        Err(e) if e.code().is(ErrorNumber::NoNetwork) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The views of a network an update must keep in step: the running definition (if active)
+/// and the persistent one (if persistent), each with its `virNetworkUpdate` flag and parsed
+/// XML. The test driver refuses `VIR_NETWORK_XML_INACTIVE`; it keeps one definition, so the
+/// live XML stands for both there.
+fn network_views(n: &Network) -> Result<Vec<(u32, NetworkInfo)>, VirtError> {
+    let mut views = Vec::with_capacity(2);
+    let live = if n.is_active()? {
+        let xml = n.xml_desc(0)?;
+        views.push((
+            sys::VIR_NETWORK_UPDATE_AFFECT_LIVE,
+            network_xml::parse(&xml),
+        ));
+        Some(xml)
+    } else {
+        None
+    };
+    if n.is_persistent()? {
+        let xml = match n.xml_desc(sys::VIR_NETWORK_XML_INACTIVE) {
+            Err(e) if is_unsupported_flags(&e) => match live {
+                Some(xml) => xml,
+                None => n.xml_desc(0)?,
+            },
+            r => r?,
+        };
+        views.push((
+            sys::VIR_NETWORK_UPDATE_AFFECT_CONFIG,
+            network_xml::parse(&xml),
+        ));
+    }
+    Ok(views)
+}
+
+/// Makes `spec`'s network exist persistently, autostarted and running (see
+/// `VmBackend::ensure_network`). A network this call defined but could not start is undefined
+/// again, so a corrected spec is not refused as a mismatch with a broken leftover.
+pub(super) fn ensure_network(
+    c: &Connect,
+    spec: &PrivateNetworkSpec,
+) -> Result<NetworkEnsured, VirtError> {
+    let Some(n) = lookup_network(c, &spec.name)? else {
+        let n = c.define_network_xml(&network_xml::render(spec))?;
+        let started = n.set_autostart(true).and_then(|()| n.create());
+        if let Err(e) = started {
+            if let Err(undo) = n.undefine() {
+                tracing::warn!(network = %spec.name, error = %undo, "cannot undefine the network after a failed start");
+            }
+            return Err(e);
+        }
+        return Ok(NetworkEnsured::Created);
+    };
+    for (_, info) in network_views(&n)? {
+        if let Some(m) = network_xml::mismatch(spec, &info) {
+            return Ok(NetworkEnsured::Mismatch(m));
+        }
+    }
+    if n.is_persistent()? {
+        if !n.autostart()? {
+            n.set_autostart(true)?;
+        }
+    } else {
+        tracing::warn!(network = %spec.name, "the network is transient; it will not survive a libvirtd restart");
+    }
+    if n.is_active()? {
+        return Ok(NetworkEnsured::Running);
+    }
+    match n.create() {
+        Ok(()) => Ok(NetworkEnsured::Started),
+        // Someone else started it in between.
+        Err(e) if e.code().is(ErrorNumber::OperationInvalid) && n.is_active()? => {
+            Ok(NetworkEnsured::Running)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// What [`put_dhcp_host`] / [`remove_dhcp_host`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum LeaseChange {
+    /// Every view already was as asked.
+    Unchanged,
+    Changed,
+    /// Refused without changing anything (the reason).
+    Refused(String),
+}
+
+/// Adds `host` or replaces the entry of its MAC, in the running network and its persistent
+/// definition. Each view is handled on its own (one can lack an entry the other has, after an
+/// interrupted update); views needing the same command share one call.
+pub(super) fn put_dhcp_host(
+    c: &Connect,
+    network: &str,
+    host: &DhcpHost,
+) -> Result<LeaseChange, VirtError> {
+    let n = c.lookup_network_by_name(network)?;
+    let xml = network_xml::render_host(host);
+    let mut changes = Vec::new();
+    for (flag, info) in network_views(&n)? {
+        if let Some(p) = lease_problem(network, &info, host) {
+            return Ok(LeaseChange::Refused(p));
+        }
+        let cmd = match info.host(&host.mac) {
+            Some(e) if e.is(host) => continue,
+            // MODIFY finds the entry with this MAC, address or name; `conflict` made sure
+            // only ours has any of them.
+            Some(_) => sys::VIR_NETWORK_UPDATE_COMMAND_MODIFY,
+            None => sys::VIR_NETWORK_UPDATE_COMMAND_ADD_LAST,
+        };
+        changes.push((flag, cmd, xml.clone()));
+    }
+    apply_dhcp_changes(&n, changes)
+}
+
+/// Why `host` cannot be a lease of the network `info` describes, if it cannot.
+fn lease_problem(network: &str, info: &NetworkInfo, host: &DhcpHost) -> Option<String> {
+    let Some((gateway, Some(prefix_len))) = info.ipv4.first().copied() else {
+        return Some("the network has no usable IPv4 address".to_owned());
+    };
+    let spec = PrivateNetworkSpec {
+        name: network.to_owned(),
+        bridge: info.bridge.clone().unwrap_or_default(),
+        gateway,
+        prefix_len,
+    };
+    spec.host_problem(host).or_else(|| info.conflict(host))
+}
+
+/// Removes the entry of `mac` from every view that has it.
+pub(super) fn remove_dhcp_host(
+    c: &Connect,
+    network: &str,
+    mac: &str,
+) -> Result<LeaseChange, VirtError> {
+    let n = c.lookup_network_by_name(network)?;
+    let mut changes = Vec::new();
+    for (flag, info) in network_views(&n)? {
+        if let Some(entry) = info.host(mac) {
+            let xml = network_xml::render_entry(entry);
+            changes.push((flag, sys::VIR_NETWORK_UPDATE_COMMAND_DELETE, xml));
+        }
+    }
+    apply_dhcp_changes(&n, changes)
+}
+
+/// Runs the `(flag, command, xml)` updates, merging the flags of identical ones.
+///
+/// A merged update that fails is retried one view at a time, where a DELETE that finds
+/// nothing is done and an ADD that finds the entry becomes a MODIFY: a view can differ from
+/// what was read (the test driver shows no persistent XML, and after a network was stopped
+/// its persistent definition there lacks leases added while it was down), and `virNetworkUpdate`
+/// changes nothing when it fails.
+fn apply_dhcp_changes(
+    n: &Network,
+    changes: Vec<(
+        sys::virNetworkUpdateFlags,
+        sys::virNetworkUpdateCommand,
+        String,
+    )>,
+) -> Result<LeaseChange, VirtError> {
+    if changes.is_empty() {
+        return Ok(LeaseChange::Unchanged);
+    }
+    let mut merged: Vec<(sys::virNetworkUpdateFlags, _, String)> = Vec::new();
+    for (flag, cmd, xml) in changes {
+        match merged.iter_mut().find(|(_, c, x)| *c == cmd && *x == xml) {
+            Some(m) => m.0 |= flag,
+            None => merged.push((flag, cmd, xml)),
+        }
+    }
+    let section = sys::VIR_NETWORK_SECTION_IP_DHCP_HOST;
+    for (flags, cmd, xml) in merged {
+        let err = match n.update(cmd, section, -1, &xml, flags) {
+            Ok(()) => continue,
+            Err(e) if flags.count_ones() > 1 && e.code().is(ErrorNumber::OperationInvalid) => e,
+            Err(e) => return Err(e),
+        };
+        tracing::debug!(error = %err, "network views differ; updating them one by one");
+        for flag in [
+            sys::VIR_NETWORK_UPDATE_AFFECT_LIVE,
+            sys::VIR_NETWORK_UPDATE_AFFECT_CONFIG,
+        ] {
+            if flags & flag == 0 {
+                continue;
+            }
+            match n.update(cmd, section, -1, &xml, flag) {
+                Err(e) if e.code().is(ErrorNumber::OperationInvalid) => match cmd {
+                    sys::VIR_NETWORK_UPDATE_COMMAND_DELETE => {}
+                    sys::VIR_NETWORK_UPDATE_COMMAND_ADD_LAST => n.update(
+                        sys::VIR_NETWORK_UPDATE_COMMAND_MODIFY,
+                        section,
+                        -1,
+                        &xml,
+                        flag,
+                    )?,
+                    _ => return Err(e),
+                },
+                r => r?,
+            }
+        }
+    }
+    Ok(LeaseChange::Changed)
 }
 
 #[cfg(test)]
