@@ -30,11 +30,12 @@ fn pool(subnet: &str, gateway: &str, exclude: &[&str]) -> PublicPoolConfig {
 
 async fn daemon(dir: &std::path::Path, pool: PublicPoolConfig) -> TestDaemon {
     let mut config = common::config(dir);
+    config.private_network.enabled = true;
     config.public_pools = vec![pool];
     TestDaemon::start(config, Arc::new(FakeBackend::default())).await
 }
 
-fn ip_request(open: &[(u16, u16, &str)]) -> Value {
+fn ip_request(open: &[(u32, u32, &str)]) -> Value {
     let ports: Vec<Value> = open
         .iter()
         .map(|(start, end, protocol)| json!({"start": start, "end": end, "protocol": protocol}))
@@ -45,7 +46,7 @@ fn ip_request(open: &[(u16, u16, &str)]) -> Value {
     })
 }
 
-async fn create_ip(d: &TestDaemon, open: &[(u16, u16, &str)]) -> (String, Ipv4Addr) {
+async fn create_ip(d: &TestDaemon, open: &[(u32, u32, &str)]) -> (String, Ipv4Addr) {
     let (status, body) = d
         .post("/api/networkips", json!({"items": [ip_request(open)]}))
         .await;

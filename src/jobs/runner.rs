@@ -146,9 +146,6 @@ async fn provision_replicas(ctx: &Inner, job: &JobRecord) -> Result<(), JobError
         }
         tracing::info!(rank, domain = %record.domain, "VM started");
     }
-    if job.started_at.is_none() {
-        announce_addresses(ctx, job, &addresses).await?;
-    }
     if job.expires_at.is_none() {
         if let Some(allocation) = job.allocation_ms {
             deps.store
@@ -157,7 +154,11 @@ async fn provision_replicas(ctx: &Inner, job: &JobRecord) -> Result<(), JobError
         }
     }
     ctx.record(&job.id, Some(JobState::Running), messages::RUNNING)
-        .await
+        .await?;
+    if job.started_at.is_none() {
+        announce_addresses(ctx, job, &addresses).await?;
+    }
+    Ok(())
 }
 
 #[derive(Debug, thiserror::Error)]

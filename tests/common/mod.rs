@@ -45,6 +45,12 @@ pub fn config(dir: &std::path::Path) -> Config {
         sync_interval_secs: 1,
         suspend_grace_secs: 2,
         suspend_retry_secs: 1,
+        // Tests about networking (tests/public_ips.rs) turn it on; the others keep their
+        // job stories free of address updates.
+        private_network: vmhost::network::config::PrivateNetworkConfig {
+            enabled: false,
+            ..vmhost::network::config::PrivateNetworkConfig::default()
+        },
         users: vec![
             UserConfig {
                 name: "alice".into(),
