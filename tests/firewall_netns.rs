@@ -147,6 +147,16 @@ async fn a_public_address_takes_only_its_open_ports() {
     );
 }
 
+/// What, sent from `(netns, device)`, the frame, looked for at `(netns, device)`, whether it
+/// passes the firewall.
+type FrameCase<'a> = (
+    &'static str,
+    (&'a str, &'a str),
+    Vec<u8>,
+    (&'a str, &'a str),
+    bool,
+);
+
 #[tokio::test]
 async fn a_vm_sends_only_as_itself() {
     if !netns::available("a_vm_sends_only_as_itself") {
@@ -160,11 +170,10 @@ async fn a_vm_sends_only_as_itself() {
     let bcast = Ipv4Addr::BROADCAST;
     let to_outside =
         |ethertype, payload: Vec<u8>| frame::ethernet(OUTSIDE_MAC, mac, ethertype, &payload);
-    // (what, sender, frame, where it is looked for, passes the firewall)
     let from_vm = (vm.ns.as_str(), vm.dev.as_str());
     let from_private = (s.private2.ns.as_str(), s.private2.dev.as_str());
     let from_outside = (outside.as_str(), "eth0");
-    let cases: Vec<(&'static str, (&str, &str), Vec<u8>, (&str, &str), bool)> = vec![
+    let cases: Vec<FrameCase<'_>> = vec![
         (
             "own MAC and address",
             from_vm,
