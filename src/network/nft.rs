@@ -68,7 +68,9 @@ impl NftFirewall {
 
     /// Checks, at startup with public pools configured, that the host can filter bridged
     /// traffic statefully: `bridge-nf-call-iptables` must exist (br_netfilter loaded) and be
-    /// 1; it is switched on if it is 0.
+    /// 1; it is switched on if it is 0. (It is per network namespace: this checks vmhost's.)
+    /// With it, bridged IPv4 also meets the host's own `ip` filter chains, so a FORWARD policy
+    /// of drop (Docker sets one) drops traffic to public addresses too.
     pub async fn prepare_host() -> Result<(), FirewallError> {
         ensure_bridge_nf_call_iptables(Path::new(BRIDGE_NF_CALL_IPTABLES)).await
     }
