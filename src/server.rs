@@ -83,6 +83,12 @@ pub async fn build_with(
             .await
             .with_context(|| format!("starting the private network {}", private.name))?;
     }
+    if !config.public_pools.is_empty() && config.backend == BackendKind::Libvirt {
+        // Without br_netfilter, bridged traffic to public addresses would bypass the firewall.
+        NftFirewall::prepare_host()
+            .await
+            .context("preparing the host to filter bridged traffic to public IPs")?;
+    }
     let images = ImageCache::new(config.image_dir.clone(), config.image_cache_dir());
     let users = config.users.clone();
     let config = Arc::new(config);

@@ -352,8 +352,10 @@ async fn public_ip_firewall_antispoofing_and_peers_on_real_vms() {
     ssh.run(
         &world,
         &ip1,
-        "nohup python3 -m http.server 8080 >/dev/null 2>&1 </dev/null & sleep 1; \
-         python3 -c \"import socket; socket.create_connection(('127.0.0.1', 8080), 3)\"",
+        "nohup python3 -m http.server 8080 >/dev/null 2>&1 </dev/null & \
+         for i in $(seq 60); do \
+           python3 -c \"import socket; socket.create_connection(('127.0.0.1', 8080), 3)\" 2>/dev/null && exit 0; \
+           sleep 1; done; exit 1",
     );
     assert!(world.tcp_reachable(&ip1, 22), "SSH is open");
     assert!(!world.tcp_reachable(&ip1, 8080), "8080 must be filtered");

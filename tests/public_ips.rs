@@ -524,3 +524,32 @@ async fn products_report_the_firewall_and_peers() {
         true
     );
 }
+
+#[tokio::test]
+async fn a_restarted_vmhost_installs_the_rules_of_existing_vms_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeBackend::default());
+    let mut config = common::config(dir.path());
+    config.private_network.enabled = true;
+    config.public_pools = vec![pool("203.0.113.0/24", "203.0.113.1", &[])];
+    let d = TestDaemon::start(config.clone(), fake.clone()).await;
+    let (ip_id, address) = create_ip(&d, &[(22, 22, "TCP")]).await;
+    let job = d
+        .create(job_with(json!([{"type": "network", "id": ip_id}])))
+        .await;
+    d.wait_state(&job, "RUNNING", 10).await;
+    d.kill();
+
+    let d = TestDaemon::start(config, fake).await;
+    let plan = d.firewall.current().expect("rules installed at start");
+    let vm = plan
+        .vms
+        .iter()
+        .find(|vm| vm.job_id == job)
+        .expect("the VM is guarded");
+    assert!(vm.nics.iter().any(|nic| nic.address == address), "{plan:?}");
+    assert_eq!(
+        retrieve_ip(&d, &ip_id).await["status"]["boundTo"],
+        json!([job])
+    );
+}
