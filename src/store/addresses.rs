@@ -2,7 +2,8 @@
 //! of job VMs. Every allocation picks from [`AddressPool`] and inserts in the same
 //! transaction; the UNIQUE constraints are the final word on uniqueness.
 
-use std::collections::HashSet;
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
@@ -76,14 +77,20 @@ pub(super) fn insert_public_ips(
 ) -> Result<Vec<PublicIpRecord>, StoreError> {
     let tx = c.transaction()?;
     let mut created = Vec::with_capacity(items.len());
+    // Each pool's taken set is read once per request, then kept current as we allocate.
+    let mut taken_by_pool: HashMap<&str, HashSet<Ipv4Addr>> = HashMap::new();
     for (spec, pool) in items {
-        let taken = taken_public(&tx, &pool.name)?;
+        let taken = match taken_by_pool.entry(&pool.name) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => e.insert(taken_public(&tx, &pool.name)?),
+        };
         let address = pool
             .pool()
-            .first_free(&taken)
+            .first_free(taken)
             .ok_or_else(|| StoreError::PoolExhausted {
                 pool: pool.name.clone(),
             })?;
+        taken.insert(address);
         tx.execute(
             "INSERT INTO public_ips (owner, pool, address, spec, created_at)
              VALUES (?1, ?2, ?3, ?4, ?5)",
