@@ -38,8 +38,16 @@ for _ in $(seq 1 300); do
 done
 vnc=$(curl -sf -H "Authorization: Bearer $token" -H 'Content-Type: application/json' "$url/api/jobs/interactiveSession" \
   -d "{\"items\":[{\"id\":\"$id\",\"rank\":0,\"sessionType\":\"VNC\"}]}" | jq -r '.responses[0].session.url')
+private=
+for _ in $(seq 1 20); do  # the address update follows RUNNING by a few milliseconds
+  private=$(curl -sf -H "Authorization: Bearer $token" "$url/api/jobs/retrieve?id=$id&includeUpdates=true" |
+    jq -r '[.updates[].status // "" | capture("private address (?<a>[0-9.]+)").a] | first // empty')
+  [ -n "$private" ] && break
+  sleep 0.1
+done
 echo "Job $id is RUNNING. Its screen in a browser (link valid for 60 s, once):"
 echo "  $url/console?token=${vnc##*token=}"
+[ -n "$private" ] && echo "Once it has booted: ssh -i $key debian@$private   (vmhost's private network)"
 echo "Its serial console follows here (about 1-2 minutes to the login prompt under TCG)."
 echo "Ctrl-C leaves the console; the VM keeps running. Terminate it with:"
 echo "  curl -H \"Authorization: Bearer \$(cat /var/lib/vmhost/user-token)\" -H 'Content-Type: application/json' $url/api/jobs/terminate -d '{\"items\":[{\"id\":\"$id\"}]}'"

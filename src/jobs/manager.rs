@@ -218,9 +218,7 @@ impl JobManager {
             let plan = spec::validate(&spec, &deps.config, &deps.catalog)
                 .map_err(|source| JobError::InvalidSpec { index, source })?;
             for peer in &plan.peers {
-                self.check_peer(owner, peer)
-                    .await
-                    .map_err(|source| JobError::InvalidSpec { index, source })?;
+                self.check_peer(owner, index, peer).await?;
             }
             let demand = super::scheduler::demand(&deps.config, &deps.catalog, &spec);
             if host_total.is_some_and(|total| !demand.fits_in(total)) {
@@ -289,18 +287,25 @@ impl JobManager {
         Ok(ids)
     }
 
-    /// A peer must be another RUNNING job of the same owner.
-    async fn check_peer(&self, owner: &Owner, peer: &spec::Peer) -> Result<(), SpecError> {
-        let refuse = |why: &str| {
-            SpecError::Invalid(format!(
+    /// A peer of item `index` must be another RUNNING job of the same owner.
+    async fn check_peer(
+        &self,
+        owner: &Owner,
+        index: usize,
+        peer: &spec::Peer,
+    ) -> Result<(), JobError> {
+        let refuse = |why: &str| JobError::InvalidSpec {
+            index,
+            source: SpecError::Invalid(format!(
                 "peer {:?}: job {} {why}",
                 peer.hostname, peer.job_id
-            ))
+            )),
         };
         match self.retrieve(owner, &peer.job_id).await {
             Ok(job) if job.state == state::JobState::Running => Ok(()),
             Ok(_) => Err(refuse("is not running")),
-            Err(_) => Err(refuse("does not exist")),
+            Err(JobError::NotFound { .. }) => Err(refuse("does not exist")),
+            Err(other) => Err(other),
         }
     }
 

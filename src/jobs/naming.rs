@@ -1,4 +1,4 @@
-//! Where a job's VMs live on the host: domain names, file paths and MAC addresses.
+//! Where a job's VMs live on the host: domain names, file paths and tap device names.
 //!
 //! All of it is derived from `(job id, rank)` so that reconciliation can recompute it and two
 //! vmhost instances sharing one libvirt (with different prefixes) never collide.
@@ -43,15 +43,6 @@ impl VmNaming {
             dir,
             domain,
         }
-    }
-
-    /// A stable, locally administered MAC in QEMU's `52:54:00` range for NIC `index`.
-    pub fn mac(&self, job_id: &str, rank: u32, index: u32) -> String {
-        let digest = Sha256::digest(format!("{}/{job_id}/{rank}/{index}", self.agent_id));
-        format!(
-            "52:54:00:{:02x}:{:02x}:{:02x}",
-            digest[0], digest[1], digest[2]
-        )
     }
 
     /// The host-side tap device of NIC `index`: `vh` + 10 hex digits + `n<index>`, within the
@@ -115,13 +106,5 @@ mod tests {
         assert_eq!(tap, n.tap("123456789", 7, 9));
         assert_ne!(n.tap("1", 0, 0), n.tap("1", 1, 0));
         assert_ne!(n.tap("1", 0, 0), n.tap("1", 0, 1));
-    }
-
-    #[test]
-    fn macs_are_stable_and_distinct() {
-        let n = naming();
-        assert_eq!(n.mac("7", 0, 0), n.mac("7", 0, 0));
-        assert_ne!(n.mac("7", 0, 0), n.mac("7", 1, 0));
-        assert!(n.mac("7", 0, 0).starts_with("52:54:00:"));
     }
 }

@@ -68,8 +68,8 @@ pub enum PublicIpError {
     Invalid(String),
     #[error("public IP {id} does not exist")]
     NotFound { id: String },
-    #[error("{provider} has no more IP addresses available in {pool}")]
-    Exhausted { provider: String, pool: String },
+    #[error("no more IP addresses are available in pool {pool}")]
+    Exhausted { pool: String },
     #[error("public IP {id} is currently in use by job {job}")]
     InUse { id: String, job: String },
     #[error(transparent)]
@@ -81,10 +81,7 @@ pub enum PublicIpError {
 impl From<StoreError> for PublicIpError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::PoolExhausted { pool } => PublicIpError::Exhausted {
-                provider: String::new(),
-                pool,
-            },
+            StoreError::PoolExhausted { pool } => PublicIpError::Exhausted { pool },
             StoreError::AddressUnknown { id } => PublicIpError::NotFound { id },
             StoreError::AddressInUse { id, job } => PublicIpError::InUse { id, job },
             other => PublicIpError::Store(other),
@@ -164,22 +161,11 @@ impl PublicIps {
         let created = self
             .store
             .insert_public_ips(owner.0.clone(), specs.into_iter().zip(pools).collect(), now)
-            .await
-            .map_err(|e| self.with_provider(e.into()))?;
+            .await?;
         for ip in &created {
             tracing::info!(id = %ip.id, owner = %owner.0, address = %ip.address, "public IP allocated");
         }
         Ok(created)
-    }
-
-    fn with_provider(&self, e: PublicIpError) -> PublicIpError {
-        match e {
-            PublicIpError::Exhausted { pool, .. } => PublicIpError::Exhausted {
-                provider: self.config.provider_id.clone(),
-                pool,
-            },
-            other => other,
-        }
     }
 
     /// The owner's address (another user's is "not found").
