@@ -553,3 +553,20 @@ async fn a_restarted_vmhost_installs_the_rules_of_existing_vms_again() {
         json!([job])
     );
 }
+
+#[tokio::test]
+async fn an_expired_job_releases_its_public_ip() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = daemon(dir.path(), pool("203.0.113.0/24", "203.0.113.1", &[])).await;
+    let (ip_id, _) = create_ip(&d, &[]).await;
+    let mut spec = job_with(json!([{"type": "network", "id": ip_id}]));
+    spec["timeAllocation"] = json!({"hours": 0, "minutes": 0, "seconds": 1});
+    let job = d.create(spec).await;
+    d.wait_state(&job, "EXPIRED", 10).await;
+    assert_eq!(
+        retrieve_ip(&d, &ip_id).await["status"]["boundTo"],
+        json!([])
+    );
+    let plan = d.firewall.current().unwrap();
+    assert!(plan.vms.is_empty(), "{plan:?}");
+}
