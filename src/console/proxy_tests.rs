@@ -592,3 +592,40 @@ async fn a_zero_max_frame_bytes_still_forwards_byte_by_byte() {
     drop(s.client.tx);
     within(10, s.task).await.unwrap();
 }
+
+#[tokio::test]
+async fn reads_grow_in_a_burst_and_shrink_back_when_it_is_over() {
+    let (ws, _client) = ws_pair(1);
+    let (upstream, _peer) = tokio::io::duplex(1024);
+    let mut pump = Pump::new(ws, upstream, Passthrough, ProxyConfig::default());
+    let max = ProxyConfig::default().max_frame_bytes;
+    assert_eq!(pump.read_size, INITIAL_READ_BYTES);
+    while pump.read_size < max {
+        pump.adapt_read_size(pump.read_size);
+    }
+    pump.adapt_read_size(max);
+    assert_eq!(
+        pump.read_size, max,
+        "full reads stop growing at the largest frame"
+    );
+    pump.read_buf_reserve();
+    assert!(pump.read_buf.capacity() >= max);
+    for _ in 0..3 {
+        pump.adapt_read_size(max / 2);
+    }
+    assert_eq!(pump.read_size, max, "reads of half the buffer keep it");
+    while pump.read_size > INITIAL_READ_BYTES {
+        pump.adapt_read_size(1);
+    }
+    pump.adapt_read_size(1);
+    assert_eq!(
+        pump.read_size, INITIAL_READ_BYTES,
+        "small reads shrink it back"
+    );
+    pump.read_buf_reserve();
+    assert!(
+        pump.read_buf.capacity() < max,
+        "the burst's buffer is let go: {}",
+        pump.read_buf.capacity()
+    );
+}
