@@ -4,16 +4,21 @@
 //! - **Upstream**: a TCP server in the bench process. A connection's first byte picks its
 //!   mode: `S` + a big-endian u64 `n` sends `n` bytes in 64 KiB writes, then closes; `E`
 //!   echoes everything.
-//! - **vmhost**: a minimal axum app whose WebSocket route (`console::configure_upgrade`)
-//!   connects to the upstream (TCP_NODELAY) and runs `console::proxy` with the production
-//!   defaults. It runs as a child process of the bench (the bench binary re-executed with
-//!   `VNC_PROXY_BENCH_SERVE` set) on a single-threaded runtime, as websockify runs in its own
-//!   single-threaded process; the targets are judged on it, and its CPU time and memory are
-//!   its own. The same app also runs inside the bench's two-worker runtime, beside the
-//!   clients and the upstream, for comparison.
+//! - **vmhost**: a minimal axum app whose WebSocket route (`console::WsUpgrade` with
+//!   `SocketConfig::vnc()`, as the VNC route) connects to the upstream (TCP_NODELAY) and runs
+//!   `console::proxy` with the production defaults (`BENCH_FRAME_KIB` overrides the largest
+//!   frame, for comparisons). It runs as a child process of the bench (the bench binary
+//!   re-executed with `VNC_PROXY_BENCH_SERVE` set) on a single-threaded runtime, as websockify
+//!   runs in its own single-threaded process; the targets are judged on it, and its CPU time
+//!   and memory are its own. The same app also runs inside the bench's two-worker runtime,
+//!   beside the clients and the upstream, for comparison.
 //! - **websockify**: `python3 -m websockify` (it forks a process per connection), a child of
 //!   the bench, killed at the end.
-//! - **Client**: tokio-tungstenite with its defaults and TCP_NODELAY, for every path.
+//! - **Client**: a minimal WebSocket client ([`WsClient`]), the same for vmhost and websockify,
+//!   with TCP_NODELAY. It reads in 256 KiB reads and parses frames in place, as the direct
+//!   path reads in 256 KiB reads; tokio-tungstenite, the first client here, zero-filled
+//!   128 KiB and copied every payload per message, CPU that competed with the proxies on 2
+//!   cores.
 //!
 //! Measured: (a) throughput upstream → client of `BENCH_MIB` MiB (default 256), median of 3
 //! interleaved runs, with CPU seconds per GiB of everything and of the proxy alone; (b) the
@@ -32,28 +37,26 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context};
-use axum::extract::ws::WebSocketUpgrade;
+use anyhow::{ensure, Context};
 use axum::routing::get;
 use axum::serve::ListenerExt;
 use axum::Router;
-use futures::{SinkExt, StreamExt};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Barrier;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-use vmhost::console::{configure_upgrade, proxy, ProxyConfig, SessionKind, StopSignal, WsAdapter};
+use vmhost::console::{proxy, ProxyConfig, SocketConfig, StopSignal, WsUpgrade};
 
 const CHUNK: usize = 64 * 1024;
+/// Every read of a throughput or round-trip client, WebSocket or direct.
+const READ_BYTES: usize = 256 * 1024;
+/// Reads of the clients of the concurrent sessions, which only echo short messages.
+const SESSION_READ_BYTES: usize = 4 * 1024;
 const ECHO_BYTES: usize = 64;
 const WARMUP_ROUNDS: usize = 100;
 const ECHOES_PER_SESSION: usize = 5;
 const RUNS: usize = 3;
 /// Set in the environment of the re-executed bench binary that serves vmhost's proxy.
 const SERVE_ENV: &str = "VNC_PROXY_BENCH_SERVE";
-
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -109,17 +112,25 @@ fn source_command(bytes: u64) -> Vec<u8> {
 fn vmhost_app(upstream: SocketAddr) -> Router {
     Router::new().route(
         "/",
-        get(move |ws: WebSocketUpgrade| async move {
-            configure_upgrade(ws, SessionKind::Vnc).on_upgrade(move |socket| async move {
+        get(move |ws: WsUpgrade| async move {
+            ws.on_upgrade(SocketConfig::vnc(), move |socket| async move {
                 let Ok(tcp) = TcpStream::connect(upstream).await else {
                     return;
                 };
                 let _ = tcp.set_nodelay(true);
-                let config = ProxyConfig::default();
-                proxy(WsAdapter::new(socket), tcp, StopSignal::new(), config).await;
+                proxy(socket, tcp, StopSignal::new(), proxy_config()).await;
             })
         }),
     )
+}
+
+/// The production defaults; `BENCH_FRAME_KIB` overrides the largest frame, for comparisons.
+fn proxy_config() -> ProxyConfig {
+    let default = ProxyConfig::default();
+    ProxyConfig {
+        max_frame_bytes: env_or("BENCH_FRAME_KIB", default.max_frame_bytes >> 10) << 10,
+        ..default
+    }
 }
 
 async fn serve(listener: TcpListener, app: Router) {
@@ -294,33 +305,171 @@ fn open_fds(pid: u32) -> usize {
 // ---------------------------------------------------------------------------------------------
 // Clients
 
-async fn ws_connect(addr: SocketAddr) -> anyhow::Result<Ws> {
-    let (ws, _) = tokio_tungstenite::connect_async_with_config(format!("ws://{addr}/"), None, true)
-        .await
-        .with_context(|| format!("WebSocket connect to {addr}"))?;
-    Ok(ws)
+/// A minimal RFC 6455 client, used alike for vmhost and websockify. tokio-tungstenite (the
+/// first client here) zero-fills its 128 KiB read buffer before every read and copies each
+/// payload into a message; on 2 cores that client work competed with the proxies and hid
+/// their differences. This one reads in [`READ_BYTES`] reads, as the direct path does, and
+/// parses frames in place: its only copy is the kernel's, as for the direct path.
+struct WsClient {
+    tcp: TcpStream,
+    buf: Vec<u8>,
+    /// Unparsed bytes are `buf[start..end]`.
+    start: usize,
+    end: usize,
 }
 
-async fn ws_close(mut ws: Ws) {
-    let _ = ws.close(None).await;
-    while let Ok(Some(Ok(_))) = tokio::time::timeout(Duration::from_secs(5), ws.next()).await {}
+/// A fixed key and mask: the bench needs no secrecy, and the proxies check neither.
+const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+const WS_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+const WS_MASK: [u8; 4] = [0x12, 0x34, 0x56, 0x78];
+const OP_BINARY: u8 = 0x2;
+const OP_CLOSE: u8 = 0x8;
+
+impl WsClient {
+    /// Connects and upgrades; `read_bytes` is the size of every read.
+    async fn connect(addr: SocketAddr, read_bytes: usize) -> anyhow::Result<WsClient> {
+        let tcp = TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("WebSocket connect to {addr}"))?;
+        tcp.set_nodelay(true)?;
+        let mut ws = WsClient {
+            tcp,
+            buf: vec![0; read_bytes.max(4096)],
+            start: 0,
+            end: 0,
+        };
+        let request = format!(
+            "GET / HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        ws.tcp.write_all(request.as_bytes()).await?;
+        let head_len = loop {
+            if let Some(i) = ws.unparsed().windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            ws.fill().await?;
+        };
+        let head = String::from_utf8_lossy(&ws.unparsed()[..head_len]).to_lowercase();
+        ensure!(head.starts_with("http/1.1 101"), "upgrade refused: {head}");
+        ensure!(
+            head.contains(&WS_ACCEPT.to_lowercase()),
+            "wrong accept key: {head}"
+        );
+        ws.start += head_len;
+        Ok(ws)
+    }
+
+    fn unparsed(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    /// Reads more; the unparsed bytes move to the front first when the buffer is full.
+    async fn fill(&mut self) -> anyhow::Result<()> {
+        if self.start == self.end {
+            (self.start, self.end) = (0, 0);
+        } else if self.end == self.buf.len() {
+            self.buf.copy_within(self.start..self.end, 0);
+            (self.start, self.end) = (0, self.end - self.start);
+        }
+        let n = self.tcp.read(&mut self.buf[self.end..]).await?;
+        ensure!(n > 0, "the proxy closed the connection");
+        self.end += n;
+        Ok(())
+    }
+
+    /// Sends one masked frame.
+    async fn send(&mut self, opcode: u8, payload: &[u8]) -> anyhow::Result<()> {
+        let mut frame = vec![0x80 | opcode];
+        match payload.len() {
+            n @ 0..=125 => frame.push(0x80 | n as u8),
+            n @ 126..=0xFFFF => {
+                frame.push(0x80 | 126);
+                frame.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                frame.push(0x80 | 127);
+                frame.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        frame.extend_from_slice(&WS_MASK);
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ WS_MASK[i & 3]));
+        self.tcp.write_all(&frame).await?;
+        Ok(())
+    }
+
+    /// The next frame's opcode and payload length; the payload follows with [`Self::payload`].
+    async fn header(&mut self) -> anyhow::Result<(u8, u64)> {
+        loop {
+            if let Some((len, header)) = parse_header(self.unparsed())? {
+                self.start += len;
+                return Ok(header);
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// Hands `len` payload bytes to `f`, in the pieces the reads bring, without copying them.
+    async fn payload(&mut self, mut len: u64, mut f: impl FnMut(&[u8])) -> anyhow::Result<()> {
+        while len > 0 {
+            if self.start == self.end {
+                self.fill().await?;
+            }
+            let n = (self.end - self.start).min(usize::try_from(len).unwrap_or(usize::MAX));
+            f(&self.buf[self.start..self.start + n]);
+            self.start += n;
+            len -= n as u64;
+        }
+        Ok(())
+    }
+
+    /// Sends Close 1000 and reads until the proxy's Close or the end of the stream.
+    async fn close(mut self) {
+        let _ = self.send(OP_CLOSE, &1000u16.to_be_bytes()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                let (opcode, len) = self.header().await?;
+                self.payload(len, |_| {}).await?;
+                if opcode == OP_CLOSE {
+                    return anyhow::Ok(());
+                }
+            }
+        })
+        .await;
+    }
+}
+
+/// A server frame header at the start of `buf`: its length, opcode and payload length.
+fn parse_header(buf: &[u8]) -> anyhow::Result<Option<(usize, (u8, u64))>> {
+    let [first, second, ..] = *buf else {
+        return Ok(None);
+    };
+    ensure!(first & 0x80 != 0, "the bench expects unfragmented frames");
+    ensure!(second & 0x80 == 0, "server frames must not be masked");
+    let (len, payload_len) = match second & 0x7F {
+        126 if buf.len() >= 4 => (4, u64::from(u16::from_be_bytes([buf[2], buf[3]]))),
+        127 if buf.len() >= 10 => (10, u64::from_be_bytes(buf[2..10].try_into()?)),
+        126 | 127 => return Ok(None),
+        n => (2, u64::from(n)),
+    };
+    Ok(Some((len, (first & 0x0F, payload_len))))
 }
 
 /// Bytes per second from the upstream through the WebSocket proxy at `addr`.
 async fn ws_throughput(addr: SocketAddr, bytes: u64) -> anyhow::Result<f64> {
-    let mut ws = ws_connect(addr).await?;
+    let mut ws = WsClient::connect(addr, READ_BYTES).await?;
     let t0 = Instant::now();
-    ws.send(Message::binary(source_command(bytes))).await?;
+    ws.send(OP_BINARY, &source_command(bytes)).await?;
     let mut got = 0u64;
     while got < bytes {
-        match ws.next().await.context("stream ended early")?? {
-            Message::Binary(b) => got += b.len() as u64,
-            Message::Close(c) => bail!("closed after {got} of {bytes} bytes: {c:?}"),
-            _ => {}
+        let (opcode, len) = ws.header().await?;
+        ensure!(opcode != OP_CLOSE, "closed after {got} of {bytes} bytes");
+        ws.payload(len, |_| {}).await?;
+        if opcode == OP_BINARY {
+            got += len;
         }
     }
     let rate = got as f64 / t0.elapsed().as_secs_f64();
-    ws_close(ws).await;
+    ws.close().await;
     Ok(rate)
 }
 
@@ -329,7 +478,7 @@ async fn direct_throughput(addr: SocketAddr, bytes: u64) -> anyhow::Result<f64> 
     tcp.set_nodelay(true)?;
     let t0 = Instant::now();
     tcp.write_all(&source_command(bytes)).await?;
-    let mut buf = vec![0u8; CHUNK];
+    let mut buf = vec![0u8; READ_BYTES];
     let mut got = 0u64;
     while got < bytes {
         let n = tcp.read(&mut buf).await?;
@@ -339,19 +488,20 @@ async fn direct_throughput(addr: SocketAddr, bytes: u64) -> anyhow::Result<f64> 
     Ok(got as f64 / t0.elapsed().as_secs_f64())
 }
 
-async fn ws_echo(ws: &mut Ws, payload: &[u8]) -> anyhow::Result<()> {
-    ws.send(Message::binary(payload.to_vec())).await?;
-    let mut got = 0;
-    while got < payload.len() {
-        match ws.next().await.context("stream ended")?? {
-            Message::Binary(b) => {
-                ensure!(b[..] == payload[got..got + b.len()], "echo differs");
-                got += b.len();
+async fn ws_echo(ws: &mut WsClient, payload: &[u8]) -> anyhow::Result<()> {
+    ws.send(OP_BINARY, payload).await?;
+    let mut back = Vec::with_capacity(payload.len());
+    while back.len() < payload.len() {
+        let (opcode, len) = ws.header().await?;
+        ensure!(opcode != OP_CLOSE, "closed during an echo");
+        ws.payload(len, |piece| {
+            if opcode == OP_BINARY {
+                back.extend_from_slice(piece);
             }
-            Message::Close(c) => bail!("closed during an echo: {c:?}"),
-            _ => {}
-        }
+        })
+        .await?;
     }
+    ensure!(back == payload, "echo differs");
     Ok(())
 }
 
@@ -362,8 +512,8 @@ async fn ws_latency(
     rounds: usize,
     pid: Option<u32>,
 ) -> anyhow::Result<(Vec<f64>, Option<f64>)> {
-    let mut ws = ws_connect(addr).await?;
-    ws.send(Message::binary(&b"E"[..])).await?;
+    let mut ws = WsClient::connect(addr, READ_BYTES).await?;
+    ws.send(OP_BINARY, b"E").await?;
     let payload: Vec<u8> = (0..ECHO_BYTES as u8).collect();
     for _ in 0..WARMUP_ROUNDS {
         ws_echo(&mut ws, &payload).await?;
@@ -379,7 +529,7 @@ async fn ws_latency(
         .map(cpu_seconds)
         .zip(cpu0)
         .map(|(b, a)| (b - a) / rounds as f64 * 1e6);
-    ws_close(ws).await;
+    ws.close().await;
     samples.sort_by(f64::total_cmp);
     Ok((samples, cpu))
 }
@@ -491,8 +641,8 @@ async fn concurrent_sessions(
             let (all_up, go_home) = (all_up.clone(), go_home.clone());
             tokio::spawn(async move {
                 let opened = async {
-                    let mut ws = ws_connect(addr).await?;
-                    ws.send(Message::binary(&b"E"[..])).await?;
+                    let mut ws = WsClient::connect(addr, SESSION_READ_BYTES).await?;
+                    ws.send(OP_BINARY, b"E").await?;
                     for round in 0..ECHOES_PER_SESSION {
                         let payload = format!("session {i} echo {round} {}", "x".repeat(32));
                         ws_echo(&mut ws, payload.as_bytes()).await?;
@@ -504,7 +654,7 @@ async fn concurrent_sessions(
                 all_up.wait().await;
                 go_home.wait().await;
                 let ws = opened?;
-                ws_close(ws).await;
+                ws.close().await;
                 anyhow::Ok(())
             })
         })
@@ -608,7 +758,9 @@ async fn bench() -> anyhow::Result<()> {
 
     println!(
         "console proxy on 127.0.0.1: {mib} MiB upstream → client in 64 KiB writes, \
-         median of {RUNS} interleaved runs"
+         {} KiB reads, vmhost's frames up to {} KiB, median of {RUNS} interleaved runs",
+        READ_BYTES >> 10,
+        proxy_config().max_frame_bytes >> 10
     );
     println!(
         "{:<34} {:>8} {:>16} {:>18}",
