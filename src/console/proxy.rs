@@ -68,7 +68,9 @@ pub struct ProxyConfig {
     /// Interval between WebSocket Pings to the client; `None` sends none. Default: 20 s.
     pub ping_interval: Option<Duration>,
     /// Largest read from the upstream, hence largest frame to the client (at least 1).
-    /// Default: 64 KiB, as websockify.
+    /// Default: 1 MiB. Reads only grow that large while the upstream has that much waiting (a
+    /// burst, or a client slower than the VM), where large reads save CPU per byte (see
+    /// docs/benchmarks.md); websockify reads 64 KiB.
     pub max_frame_bytes: usize,
     /// Bound on each closing step (sending Close, awaiting the reply, shutting the upstream
     /// down). Default: 5 s.
@@ -82,7 +84,7 @@ impl Default for ProxyConfig {
     fn default() -> ProxyConfig {
         ProxyConfig {
             ping_interval: Some(Duration::from_secs(20)),
-            max_frame_bytes: 64 * 1024,
+            max_frame_bytes: 1 << 20,
             close_timeout: Duration::from_secs(5),
             max_session: None,
         }
