@@ -12,6 +12,10 @@
 //!   runs in its own single-threaded process; the targets are judged on it, and its CPU time
 //!   and memory are its own. The same app also runs inside the bench's two-worker runtime,
 //!   beside the clients and the upstream, for comparison.
+//! - **TCP relay**: the bench binary re-executed with `VNC_PROXY_BENCH_RELAY`: a plain
+//!   `copy_bidirectional` between the client and the upstream, no WebSocket, reads as large
+//!   as vmhost's largest frame, on a single-threaded runtime in its own process. It is what
+//!   any proxy in its own process costs at the least: the bound for vmhost's figures.
 //! - **websockify**: `python3 -m websockify` (it forks a process per connection), a child of
 //!   the bench, killed at the end.
 //! - **Client**: a minimal WebSocket client ([`WsClient`]), the same for vmhost and websockify,
@@ -22,8 +26,9 @@
 //!
 //! Measured: (a) throughput upstream → client of `BENCH_MIB` MiB (default 256), median of 3
 //! interleaved runs, with CPU seconds per GiB of everything and of the proxy alone; (b) the
-//! same read straight from the upstream socket; (c) `BENCH_ROUNDS` (default 1000) round trips
-//! of 64 bytes after 100 warm-up rounds, median and p99, with the proxy's CPU per round trip;
+//! same read straight from the upstream socket and through the TCP relay; (c) `BENCH_ROUNDS` (default 1000) round trips
+//! of 64 bytes after 100 warm-up rounds (direct, relay, proxies), median and p99, with the
+//! proxy's CPU per round trip;
 //! (d) `BENCH_SESSIONS` (default 500) concurrent sessions through vmhost, each echoing a few
 //! messages and then holding its session open until all are up; memory of the bench process
 //! (clients and upstream; RSS) and of the proxy (PSS) before, at the peak and after. The same
@@ -57,6 +62,8 @@ const ECHOES_PER_SESSION: usize = 5;
 const RUNS: usize = 3;
 /// Set in the environment of the re-executed bench binary that serves vmhost's proxy.
 const SERVE_ENV: &str = "VNC_PROXY_BENCH_SERVE";
+/// Set in the environment of the re-executed bench binary that serves the plain TCP relay.
+const RELAY_ENV: &str = "VNC_PROXY_BENCH_RELAY";
 
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -140,8 +147,9 @@ async fn serve(listener: TcpListener, app: Router) {
     let _ = axum::serve(listener, app).await;
 }
 
-/// The child process: serves the proxy on a single-threaded runtime, prints its port.
-fn serve_child(upstream: &str) -> anyhow::Result<()> {
+/// A child process: serves vmhost's proxy, or the plain TCP relay, on a single-threaded
+/// runtime; prints its port.
+fn serve_child(upstream: &str, relay: bool) -> anyhow::Result<()> {
     let upstream: SocketAddr = upstream.parse()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -149,9 +157,28 @@ fn serve_child(upstream: &str) -> anyhow::Result<()> {
     runtime.block_on(async move {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         println!("{}", listener.local_addr()?.port());
-        serve(listener, vmhost_app(upstream)).await;
+        if relay {
+            tcp_relay(listener, upstream).await;
+        } else {
+            serve(listener, vmhost_app(upstream)).await;
+        }
         anyhow::Ok(())
     })
+}
+
+/// The least any proxy in its own process can do: copy bytes both ways, no WebSocket, with
+/// reads as large as vmhost's largest frame. Its figures bound what framing can reach.
+async fn tcp_relay(listener: TcpListener, upstream: SocketAddr) {
+    let frame = proxy_config().max_frame_bytes;
+    while let Ok((mut client, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            let mut tcp = TcpStream::connect(upstream).await?;
+            client.set_nodelay(true)?;
+            tcp.set_nodelay(true)?;
+            tokio::io::copy_bidirectional_with_sizes(&mut client, &mut tcp, frame, frame).await?;
+            std::io::Result::Ok(())
+        });
+    }
 }
 
 struct Child {
@@ -160,9 +187,9 @@ struct Child {
     pid: u32,
 }
 
-async fn start_vmhost_child(upstream: SocketAddr) -> anyhow::Result<Child> {
+async fn start_child(env: &str, upstream: SocketAddr) -> anyhow::Result<Child> {
     let mut child = tokio::process::Command::new(std::env::current_exe()?)
-        .env(SERVE_ENV, upstream.to_string())
+        .env(env, upstream.to_string())
         .stdout(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -698,7 +725,10 @@ fn verdict(ok: bool) -> &'static str {
 
 fn main() -> anyhow::Result<()> {
     if let Ok(upstream) = std::env::var(SERVE_ENV) {
-        return serve_child(&upstream);
+        return serve_child(&upstream, false);
+    }
+    if let Ok(upstream) = std::env::var(RELAY_ENV) {
+        return serve_child(&upstream, true);
     }
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -717,16 +747,19 @@ async fn bench() -> anyhow::Result<()> {
     let upstream_listener = TcpListener::bind("127.0.0.1:0").await?;
     let upstream = upstream_listener.local_addr()?;
     tokio::spawn(upstream_server(upstream_listener));
-    let mut vmhost = start_vmhost_child(upstream).await?;
+    let mut vmhost = start_child(SERVE_ENV, upstream).await?;
+    let mut relay = start_child(RELAY_ENV, upstream).await?;
     let in_process = start_vmhost_in_process(upstream).await?;
     let mut websockify = start_websockify(upstream).await?;
     let wsfy = websockify.as_ref().map(|w| (w.addr, w.pid));
 
     // (a), (b): throughput, runs interleaved so that drift hits every path alike.
-    let (mut t_direct, mut t_vmhost, mut t_in_process, mut t_wsfy) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut t_direct, mut t_relay, mut t_vmhost, mut t_in_process, mut t_wsfy) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..RUNS {
         t_direct.push(measured(bytes, None, direct_throughput(upstream, bytes)).await?);
+        let run = direct_throughput(relay.addr, bytes);
+        t_relay.push(measured(bytes, Some(relay.pid), run).await?);
         let run = ws_throughput(vmhost.addr, bytes);
         t_vmhost.push(measured(bytes, Some(vmhost.pid), run).await?);
         t_in_process.push(measured(bytes, None, ws_throughput(in_process, bytes)).await?);
@@ -736,6 +769,7 @@ async fn bench() -> anyhow::Result<()> {
     }
     // (c): round trips.
     let l_direct = direct_latency(upstream, rounds).await?;
+    let l_relay = direct_latency(relay.addr, rounds).await?;
     let (l_vmhost, c_vmhost) = ws_latency(vmhost.addr, rounds, Some(vmhost.pid)).await?;
     let (l_in_process, _) = ws_latency(in_process, rounds, None).await?;
     let (l_wsfy, c_wsfy) = match wsfy {
@@ -752,6 +786,7 @@ async fn bench() -> anyhow::Result<()> {
         None => None,
     };
     vmhost.child.kill().await?;
+    relay.child.kill().await?;
     if let Some(w) = &mut websockify {
         w.child.kill().await?;
     }
@@ -773,6 +808,7 @@ async fn bench() -> anyhow::Result<()> {
         rate
     };
     let direct_rate = t_row("direct TCP", &t_direct);
+    let relay_rate = t_row("TCP relay, own process", &t_relay);
     let vmhost_rate = t_row("vmhost, own process", &t_vmhost);
     t_row("vmhost, in the bench's runtime", &t_in_process);
     let wsfy_rate = (!t_wsfy.is_empty()).then(|| t_row("websockify 0.13, own process", &t_wsfy));
@@ -791,6 +827,7 @@ async fn bench() -> anyhow::Result<()> {
         );
     };
     row("direct TCP", &l_direct, None);
+    row("TCP relay, own process", &l_relay, None);
     row("vmhost, own process", &l_vmhost, c_vmhost);
     row("vmhost, in the bench's runtime", &l_in_process, None);
     if let Some(l) = &l_wsfy {
@@ -821,6 +858,12 @@ async fn bench() -> anyhow::Result<()> {
         s_row("websockify 0.13", r);
     }
     println!();
+    println!(
+        "vmhost / TCP relay (the least a proxy in its own process costs): throughput {:.2}×, \
+         round trip median {:.2}×",
+        vmhost_rate / relay_rate,
+        percentile(&l_vmhost, 0.5) / percentile(&l_relay, 0.5)
+    );
     let direct_ratio = vmhost_rate / direct_rate;
     println!(
         "target ≥ 0.8× direct throughput: {direct_ratio:.2}× — {}",
