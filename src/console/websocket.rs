@@ -312,7 +312,7 @@ struct Header {
 /// An established WebSocket, server side, over any byte stream: a
 /// `Sink<WsFrame> + Stream<Item = Result<WsFrame, WsError>>`, as the pumps take.
 ///
-/// Frames handed to the sink queue up (zero-copy) until [`FLUSH_BYTES`] are queued or the sink
+/// Frames handed to the sink queue up (zero-copy) until 16 KiB are queued or the sink
 /// is flushed; then they leave in one vectored write.
 pub struct ServerSocket<S> {
     io: S,
