@@ -4,21 +4,31 @@
 //! - **Upstream**: a TCP server in the bench process. A connection's first byte picks its
 //!   mode: `S` + a big-endian u64 `n` sends `n` bytes in 64 KiB writes, then closes; `E`
 //!   echoes everything.
-//! - **vmhost**: a minimal axum app whose WebSocket route (`console::configure_upgrade`)
-//!   connects to the upstream (TCP_NODELAY) and runs `console::proxy` with the production
-//!   defaults. It runs as a child process of the bench (the bench binary re-executed with
-//!   `VNC_PROXY_BENCH_SERVE` set) on a single-threaded runtime, as websockify runs in its own
-//!   single-threaded process; the targets are judged on it, and its CPU time and memory are
-//!   its own. The same app also runs inside the bench's two-worker runtime, beside the
-//!   clients and the upstream, for comparison.
+//! - **vmhost**: a minimal axum app whose WebSocket route (`console::WsUpgrade` with
+//!   `SocketConfig::vnc()`, as the VNC route) connects to the upstream (TCP_NODELAY) and runs
+//!   `console::proxy` with the production defaults (`BENCH_FRAME_KIB` overrides the largest
+//!   frame, for comparisons). It runs as a child process of the bench (the bench binary
+//!   re-executed with `VNC_PROXY_BENCH_SERVE` set) on a single-threaded runtime, as websockify
+//!   runs in its own single-threaded process; the targets are judged on it, and its CPU time
+//!   and memory are its own. The same app also runs inside the bench's two-worker runtime,
+//!   beside the clients and the upstream, for comparison.
+//! - **TCP relay**: the bench binary re-executed with `VNC_PROXY_BENCH_RELAY`: a plain
+//!   `copy_bidirectional` between the client and the upstream, no WebSocket, reads as large
+//!   as vmhost's largest frame, on a single-threaded runtime in its own process. It is what
+//!   any proxy in its own process costs at the least: the bound for vmhost's figures.
 //! - **websockify**: `python3 -m websockify` (it forks a process per connection), a child of
 //!   the bench, killed at the end.
-//! - **Client**: tokio-tungstenite with its defaults and TCP_NODELAY, for every path.
+//! - **Client**: a minimal WebSocket client ([`WsClient`]), the same for vmhost and websockify,
+//!   with TCP_NODELAY. It reads in 256 KiB reads and parses frames in place, as the direct
+//!   path reads in 256 KiB reads; tokio-tungstenite, the first client here, zero-filled
+//!   128 KiB and copied every payload per message, CPU that competed with the proxies on 2
+//!   cores.
 //!
 //! Measured: (a) throughput upstream → client of `BENCH_MIB` MiB (default 256), median of 3
 //! interleaved runs, with CPU seconds per GiB of everything and of the proxy alone; (b) the
-//! same read straight from the upstream socket; (c) `BENCH_ROUNDS` (default 1000) round trips
-//! of 64 bytes after 100 warm-up rounds, median and p99, with the proxy's CPU per round trip;
+//! same read straight from the upstream socket and through the TCP relay; (c) `BENCH_ROUNDS` (default 1000) round trips
+//! of 64 bytes after 100 warm-up rounds (direct, relay, proxies), median and p99, with the
+//! proxy's CPU per round trip;
 //! (d) `BENCH_SESSIONS` (default 500) concurrent sessions through vmhost, each echoing a few
 //! messages and then holding its session open until all are up; memory of the bench process
 //! (clients and upstream; RSS) and of the proxy (PSS) before, at the peak and after. The same
@@ -32,28 +42,28 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context};
-use axum::extract::ws::WebSocketUpgrade;
+use anyhow::{ensure, Context};
 use axum::routing::get;
 use axum::serve::ListenerExt;
 use axum::Router;
-use futures::{SinkExt, StreamExt};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Barrier;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-use vmhost::console::{configure_upgrade, proxy, ProxyConfig, SessionKind, StopSignal, WsAdapter};
+use vmhost::console::{proxy, ProxyConfig, SocketConfig, StopSignal, WsUpgrade};
 
 const CHUNK: usize = 64 * 1024;
+/// Every read of a throughput or round-trip client, WebSocket or direct.
+const READ_BYTES: usize = 256 * 1024;
+/// Reads of the clients of the concurrent sessions, which only echo short messages.
+const SESSION_READ_BYTES: usize = 4 * 1024;
 const ECHO_BYTES: usize = 64;
 const WARMUP_ROUNDS: usize = 100;
 const ECHOES_PER_SESSION: usize = 5;
 const RUNS: usize = 3;
 /// Set in the environment of the re-executed bench binary that serves vmhost's proxy.
 const SERVE_ENV: &str = "VNC_PROXY_BENCH_SERVE";
-
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+/// Set in the environment of the re-executed bench binary that serves the plain TCP relay.
+const RELAY_ENV: &str = "VNC_PROXY_BENCH_RELAY";
 
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -109,17 +119,25 @@ fn source_command(bytes: u64) -> Vec<u8> {
 fn vmhost_app(upstream: SocketAddr) -> Router {
     Router::new().route(
         "/",
-        get(move |ws: WebSocketUpgrade| async move {
-            configure_upgrade(ws, SessionKind::Vnc).on_upgrade(move |socket| async move {
+        get(move |ws: WsUpgrade| async move {
+            ws.on_upgrade(SocketConfig::vnc(), move |socket| async move {
                 let Ok(tcp) = TcpStream::connect(upstream).await else {
                     return;
                 };
                 let _ = tcp.set_nodelay(true);
-                let config = ProxyConfig::default();
-                proxy(WsAdapter::new(socket), tcp, StopSignal::new(), config).await;
+                proxy(socket, tcp, StopSignal::new(), proxy_config()).await;
             })
         }),
     )
+}
+
+/// The production defaults; `BENCH_FRAME_KIB` overrides the largest frame, for comparisons.
+fn proxy_config() -> ProxyConfig {
+    let default = ProxyConfig::default();
+    ProxyConfig {
+        max_frame_bytes: env_or("BENCH_FRAME_KIB", default.max_frame_bytes >> 10) << 10,
+        ..default
+    }
 }
 
 async fn serve(listener: TcpListener, app: Router) {
@@ -129,8 +147,9 @@ async fn serve(listener: TcpListener, app: Router) {
     let _ = axum::serve(listener, app).await;
 }
 
-/// The child process: serves the proxy on a single-threaded runtime, prints its port.
-fn serve_child(upstream: &str) -> anyhow::Result<()> {
+/// A child process: serves vmhost's proxy, or the plain TCP relay, on a single-threaded
+/// runtime; prints its port.
+fn serve_child(upstream: &str, relay: bool) -> anyhow::Result<()> {
     let upstream: SocketAddr = upstream.parse()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -138,9 +157,28 @@ fn serve_child(upstream: &str) -> anyhow::Result<()> {
     runtime.block_on(async move {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         println!("{}", listener.local_addr()?.port());
-        serve(listener, vmhost_app(upstream)).await;
+        if relay {
+            tcp_relay(listener, upstream).await;
+        } else {
+            serve(listener, vmhost_app(upstream)).await;
+        }
         anyhow::Ok(())
     })
+}
+
+/// The least any proxy in its own process can do: copy bytes both ways, no WebSocket, with
+/// reads as large as vmhost's largest frame. Its figures bound what framing can reach.
+async fn tcp_relay(listener: TcpListener, upstream: SocketAddr) {
+    let frame = proxy_config().max_frame_bytes;
+    while let Ok((mut client, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            let mut tcp = TcpStream::connect(upstream).await?;
+            client.set_nodelay(true)?;
+            tcp.set_nodelay(true)?;
+            tokio::io::copy_bidirectional_with_sizes(&mut client, &mut tcp, frame, frame).await?;
+            std::io::Result::Ok(())
+        });
+    }
 }
 
 struct Child {
@@ -149,9 +187,9 @@ struct Child {
     pid: u32,
 }
 
-async fn start_vmhost_child(upstream: SocketAddr) -> anyhow::Result<Child> {
+async fn start_child(env: &str, upstream: SocketAddr) -> anyhow::Result<Child> {
     let mut child = tokio::process::Command::new(std::env::current_exe()?)
-        .env(SERVE_ENV, upstream.to_string())
+        .env(env, upstream.to_string())
         .stdout(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -294,33 +332,171 @@ fn open_fds(pid: u32) -> usize {
 // ---------------------------------------------------------------------------------------------
 // Clients
 
-async fn ws_connect(addr: SocketAddr) -> anyhow::Result<Ws> {
-    let (ws, _) = tokio_tungstenite::connect_async_with_config(format!("ws://{addr}/"), None, true)
-        .await
-        .with_context(|| format!("WebSocket connect to {addr}"))?;
-    Ok(ws)
+/// A minimal RFC 6455 client, used alike for vmhost and websockify. tokio-tungstenite (the
+/// first client here) zero-fills its 128 KiB read buffer before every read and copies each
+/// payload into a message; on 2 cores that client work competed with the proxies and hid
+/// their differences. This one reads in [`READ_BYTES`] reads, as the direct path does, and
+/// parses frames in place: its only copy is the kernel's, as for the direct path.
+struct WsClient {
+    tcp: TcpStream,
+    buf: Vec<u8>,
+    /// Unparsed bytes are `buf[start..end]`.
+    start: usize,
+    end: usize,
 }
 
-async fn ws_close(mut ws: Ws) {
-    let _ = ws.close(None).await;
-    while let Ok(Some(Ok(_))) = tokio::time::timeout(Duration::from_secs(5), ws.next()).await {}
+/// A fixed key and mask: the bench needs no secrecy, and the proxies check neither.
+const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+const WS_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+const WS_MASK: [u8; 4] = [0x12, 0x34, 0x56, 0x78];
+const OP_BINARY: u8 = 0x2;
+const OP_CLOSE: u8 = 0x8;
+
+impl WsClient {
+    /// Connects and upgrades; `read_bytes` is the size of every read.
+    async fn connect(addr: SocketAddr, read_bytes: usize) -> anyhow::Result<WsClient> {
+        let tcp = TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("WebSocket connect to {addr}"))?;
+        tcp.set_nodelay(true)?;
+        let mut ws = WsClient {
+            tcp,
+            buf: vec![0; read_bytes.max(4096)],
+            start: 0,
+            end: 0,
+        };
+        let request = format!(
+            "GET / HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        ws.tcp.write_all(request.as_bytes()).await?;
+        let head_len = loop {
+            if let Some(i) = ws.unparsed().windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            ws.fill().await?;
+        };
+        let head = String::from_utf8_lossy(&ws.unparsed()[..head_len]).to_lowercase();
+        ensure!(head.starts_with("http/1.1 101"), "upgrade refused: {head}");
+        ensure!(
+            head.contains(&WS_ACCEPT.to_lowercase()),
+            "wrong accept key: {head}"
+        );
+        ws.start += head_len;
+        Ok(ws)
+    }
+
+    fn unparsed(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    /// Reads more; the unparsed bytes move to the front first when the buffer is full.
+    async fn fill(&mut self) -> anyhow::Result<()> {
+        if self.start == self.end {
+            (self.start, self.end) = (0, 0);
+        } else if self.end == self.buf.len() {
+            self.buf.copy_within(self.start..self.end, 0);
+            (self.start, self.end) = (0, self.end - self.start);
+        }
+        let n = self.tcp.read(&mut self.buf[self.end..]).await?;
+        ensure!(n > 0, "the proxy closed the connection");
+        self.end += n;
+        Ok(())
+    }
+
+    /// Sends one masked frame.
+    async fn send(&mut self, opcode: u8, payload: &[u8]) -> anyhow::Result<()> {
+        let mut frame = vec![0x80 | opcode];
+        match payload.len() {
+            n @ 0..=125 => frame.push(0x80 | n as u8),
+            n @ 126..=0xFFFF => {
+                frame.push(0x80 | 126);
+                frame.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                frame.push(0x80 | 127);
+                frame.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        frame.extend_from_slice(&WS_MASK);
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ WS_MASK[i & 3]));
+        self.tcp.write_all(&frame).await?;
+        Ok(())
+    }
+
+    /// The next frame's opcode and payload length; the payload follows with [`Self::payload`].
+    async fn header(&mut self) -> anyhow::Result<(u8, u64)> {
+        loop {
+            if let Some((len, header)) = parse_header(self.unparsed())? {
+                self.start += len;
+                return Ok(header);
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// Hands `len` payload bytes to `f`, in the pieces the reads bring, without copying them.
+    async fn payload(&mut self, mut len: u64, mut f: impl FnMut(&[u8])) -> anyhow::Result<()> {
+        while len > 0 {
+            if self.start == self.end {
+                self.fill().await?;
+            }
+            let n = (self.end - self.start).min(usize::try_from(len).unwrap_or(usize::MAX));
+            f(&self.buf[self.start..self.start + n]);
+            self.start += n;
+            len -= n as u64;
+        }
+        Ok(())
+    }
+
+    /// Sends Close 1000 and reads until the proxy's Close or the end of the stream.
+    async fn close(mut self) {
+        let _ = self.send(OP_CLOSE, &1000u16.to_be_bytes()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                let (opcode, len) = self.header().await?;
+                self.payload(len, |_| {}).await?;
+                if opcode == OP_CLOSE {
+                    return anyhow::Ok(());
+                }
+            }
+        })
+        .await;
+    }
+}
+
+/// A server frame header at the start of `buf`: its length, opcode and payload length.
+fn parse_header(buf: &[u8]) -> anyhow::Result<Option<(usize, (u8, u64))>> {
+    let [first, second, ..] = *buf else {
+        return Ok(None);
+    };
+    ensure!(first & 0x80 != 0, "the bench expects unfragmented frames");
+    ensure!(second & 0x80 == 0, "server frames must not be masked");
+    let (len, payload_len) = match second & 0x7F {
+        126 if buf.len() >= 4 => (4, u64::from(u16::from_be_bytes([buf[2], buf[3]]))),
+        127 if buf.len() >= 10 => (10, u64::from_be_bytes(buf[2..10].try_into()?)),
+        126 | 127 => return Ok(None),
+        n => (2, u64::from(n)),
+    };
+    Ok(Some((len, (first & 0x0F, payload_len))))
 }
 
 /// Bytes per second from the upstream through the WebSocket proxy at `addr`.
 async fn ws_throughput(addr: SocketAddr, bytes: u64) -> anyhow::Result<f64> {
-    let mut ws = ws_connect(addr).await?;
+    let mut ws = WsClient::connect(addr, READ_BYTES).await?;
     let t0 = Instant::now();
-    ws.send(Message::binary(source_command(bytes))).await?;
+    ws.send(OP_BINARY, &source_command(bytes)).await?;
     let mut got = 0u64;
     while got < bytes {
-        match ws.next().await.context("stream ended early")?? {
-            Message::Binary(b) => got += b.len() as u64,
-            Message::Close(c) => bail!("closed after {got} of {bytes} bytes: {c:?}"),
-            _ => {}
+        let (opcode, len) = ws.header().await?;
+        ensure!(opcode != OP_CLOSE, "closed after {got} of {bytes} bytes");
+        ws.payload(len, |_| {}).await?;
+        if opcode == OP_BINARY {
+            got += len;
         }
     }
     let rate = got as f64 / t0.elapsed().as_secs_f64();
-    ws_close(ws).await;
+    ws.close().await;
     Ok(rate)
 }
 
@@ -329,7 +505,7 @@ async fn direct_throughput(addr: SocketAddr, bytes: u64) -> anyhow::Result<f64> 
     tcp.set_nodelay(true)?;
     let t0 = Instant::now();
     tcp.write_all(&source_command(bytes)).await?;
-    let mut buf = vec![0u8; CHUNK];
+    let mut buf = vec![0u8; READ_BYTES];
     let mut got = 0u64;
     while got < bytes {
         let n = tcp.read(&mut buf).await?;
@@ -339,19 +515,20 @@ async fn direct_throughput(addr: SocketAddr, bytes: u64) -> anyhow::Result<f64> 
     Ok(got as f64 / t0.elapsed().as_secs_f64())
 }
 
-async fn ws_echo(ws: &mut Ws, payload: &[u8]) -> anyhow::Result<()> {
-    ws.send(Message::binary(payload.to_vec())).await?;
-    let mut got = 0;
-    while got < payload.len() {
-        match ws.next().await.context("stream ended")?? {
-            Message::Binary(b) => {
-                ensure!(b[..] == payload[got..got + b.len()], "echo differs");
-                got += b.len();
+async fn ws_echo(ws: &mut WsClient, payload: &[u8]) -> anyhow::Result<()> {
+    ws.send(OP_BINARY, payload).await?;
+    let mut back = Vec::with_capacity(payload.len());
+    while back.len() < payload.len() {
+        let (opcode, len) = ws.header().await?;
+        ensure!(opcode != OP_CLOSE, "closed during an echo");
+        ws.payload(len, |piece| {
+            if opcode == OP_BINARY {
+                back.extend_from_slice(piece);
             }
-            Message::Close(c) => bail!("closed during an echo: {c:?}"),
-            _ => {}
-        }
+        })
+        .await?;
     }
+    ensure!(back == payload, "echo differs");
     Ok(())
 }
 
@@ -362,8 +539,8 @@ async fn ws_latency(
     rounds: usize,
     pid: Option<u32>,
 ) -> anyhow::Result<(Vec<f64>, Option<f64>)> {
-    let mut ws = ws_connect(addr).await?;
-    ws.send(Message::binary(&b"E"[..])).await?;
+    let mut ws = WsClient::connect(addr, READ_BYTES).await?;
+    ws.send(OP_BINARY, b"E").await?;
     let payload: Vec<u8> = (0..ECHO_BYTES as u8).collect();
     for _ in 0..WARMUP_ROUNDS {
         ws_echo(&mut ws, &payload).await?;
@@ -379,7 +556,7 @@ async fn ws_latency(
         .map(cpu_seconds)
         .zip(cpu0)
         .map(|(b, a)| (b - a) / rounds as f64 * 1e6);
-    ws_close(ws).await;
+    ws.close().await;
     samples.sort_by(f64::total_cmp);
     Ok((samples, cpu))
 }
@@ -491,8 +668,8 @@ async fn concurrent_sessions(
             let (all_up, go_home) = (all_up.clone(), go_home.clone());
             tokio::spawn(async move {
                 let opened = async {
-                    let mut ws = ws_connect(addr).await?;
-                    ws.send(Message::binary(&b"E"[..])).await?;
+                    let mut ws = WsClient::connect(addr, SESSION_READ_BYTES).await?;
+                    ws.send(OP_BINARY, b"E").await?;
                     for round in 0..ECHOES_PER_SESSION {
                         let payload = format!("session {i} echo {round} {}", "x".repeat(32));
                         ws_echo(&mut ws, payload.as_bytes()).await?;
@@ -504,7 +681,7 @@ async fn concurrent_sessions(
                 all_up.wait().await;
                 go_home.wait().await;
                 let ws = opened?;
-                ws_close(ws).await;
+                ws.close().await;
                 anyhow::Ok(())
             })
         })
@@ -548,7 +725,10 @@ fn verdict(ok: bool) -> &'static str {
 
 fn main() -> anyhow::Result<()> {
     if let Ok(upstream) = std::env::var(SERVE_ENV) {
-        return serve_child(&upstream);
+        return serve_child(&upstream, false);
+    }
+    if let Ok(upstream) = std::env::var(RELAY_ENV) {
+        return serve_child(&upstream, true);
     }
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -567,16 +747,19 @@ async fn bench() -> anyhow::Result<()> {
     let upstream_listener = TcpListener::bind("127.0.0.1:0").await?;
     let upstream = upstream_listener.local_addr()?;
     tokio::spawn(upstream_server(upstream_listener));
-    let mut vmhost = start_vmhost_child(upstream).await?;
+    let mut vmhost = start_child(SERVE_ENV, upstream).await?;
+    let mut relay = start_child(RELAY_ENV, upstream).await?;
     let in_process = start_vmhost_in_process(upstream).await?;
     let mut websockify = start_websockify(upstream).await?;
     let wsfy = websockify.as_ref().map(|w| (w.addr, w.pid));
 
     // (a), (b): throughput, runs interleaved so that drift hits every path alike.
-    let (mut t_direct, mut t_vmhost, mut t_in_process, mut t_wsfy) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut t_direct, mut t_relay, mut t_vmhost, mut t_in_process, mut t_wsfy) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..RUNS {
         t_direct.push(measured(bytes, None, direct_throughput(upstream, bytes)).await?);
+        let run = direct_throughput(relay.addr, bytes);
+        t_relay.push(measured(bytes, Some(relay.pid), run).await?);
         let run = ws_throughput(vmhost.addr, bytes);
         t_vmhost.push(measured(bytes, Some(vmhost.pid), run).await?);
         t_in_process.push(measured(bytes, None, ws_throughput(in_process, bytes)).await?);
@@ -586,6 +769,7 @@ async fn bench() -> anyhow::Result<()> {
     }
     // (c): round trips.
     let l_direct = direct_latency(upstream, rounds).await?;
+    let l_relay = direct_latency(relay.addr, rounds).await?;
     let (l_vmhost, c_vmhost) = ws_latency(vmhost.addr, rounds, Some(vmhost.pid)).await?;
     let (l_in_process, _) = ws_latency(in_process, rounds, None).await?;
     let (l_wsfy, c_wsfy) = match wsfy {
@@ -602,13 +786,16 @@ async fn bench() -> anyhow::Result<()> {
         None => None,
     };
     vmhost.child.kill().await?;
+    relay.child.kill().await?;
     if let Some(w) = &mut websockify {
         w.child.kill().await?;
     }
 
     println!(
         "console proxy on 127.0.0.1: {mib} MiB upstream → client in 64 KiB writes, \
-         median of {RUNS} interleaved runs"
+         {} KiB reads, vmhost's frames up to {} KiB, median of {RUNS} interleaved runs",
+        READ_BYTES >> 10,
+        proxy_config().max_frame_bytes >> 10
     );
     println!(
         "{:<34} {:>8} {:>16} {:>18}",
@@ -621,6 +808,7 @@ async fn bench() -> anyhow::Result<()> {
         rate
     };
     let direct_rate = t_row("direct TCP", &t_direct);
+    let relay_rate = t_row("TCP relay, own process", &t_relay);
     let vmhost_rate = t_row("vmhost, own process", &t_vmhost);
     t_row("vmhost, in the bench's runtime", &t_in_process);
     let wsfy_rate = (!t_wsfy.is_empty()).then(|| t_row("websockify 0.13, own process", &t_wsfy));
@@ -639,6 +827,7 @@ async fn bench() -> anyhow::Result<()> {
         );
     };
     row("direct TCP", &l_direct, None);
+    row("TCP relay, own process", &l_relay, None);
     row("vmhost, own process", &l_vmhost, c_vmhost);
     row("vmhost, in the bench's runtime", &l_in_process, None);
     if let Some(l) = &l_wsfy {
@@ -669,6 +858,12 @@ async fn bench() -> anyhow::Result<()> {
         s_row("websockify 0.13", r);
     }
     println!();
+    println!(
+        "vmhost / TCP relay (the least a proxy in its own process costs): throughput {:.2}×, \
+         round trip median {:.2}×",
+        vmhost_rate / relay_rate,
+        percentile(&l_vmhost, 0.5) / percentile(&l_relay, 0.5)
+    );
     let direct_ratio = vmhost_rate / direct_rate;
     println!(
         "target ≥ 0.8× direct throughput: {direct_ratio:.2}× — {}",

@@ -20,7 +20,7 @@ use super::types::{BulkRequest, BulkResponse};
 use super::AppState;
 use crate::console::{
     configure_upgrade, origin_allowed, proxy, run_shell, CloseReason, Grant, ProxyConfig,
-    SessionKind, ShellConfig, StopSignal, TokenError, WsAdapter,
+    SessionKind, ShellConfig, SocketConfig, StopSignal, TokenError, WsAdapter, WsUpgrade,
 };
 use crate::jobs::{JobState, Owner};
 
@@ -107,7 +107,7 @@ pub(super) async fn console_vnc(
     Path(provider): Path<String>,
     AppQuery(query): AppQuery<TokenQuery>,
     headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    ws: WsUpgrade,
 ) -> Result<Response, ApiError> {
     let (grant, domain) =
         admit(&state, &provider, &headers, &query.token, SessionKind::Vnc).await?;
@@ -119,8 +119,8 @@ pub(super) async fn console_vnc(
         .map_err(console_unavailable)?;
     let stop = stop_when_not_running(&state, &grant.job_id);
     Ok(
-        configure_upgrade(ws, SessionKind::Vnc).on_upgrade(move |socket| async move {
-            let summary = proxy(WsAdapter::new(socket), stream, stop, ProxyConfig::default()).await;
+        ws.on_upgrade(SocketConfig::vnc(), move |socket| async move {
+            let summary = proxy(socket, stream, stop, ProxyConfig::default()).await;
             tracing::info!(job_id = %grant.job_id, rank = grant.rank, ended = ?summary.ended,
                 bytes_to_vm = summary.to_upstream_bytes, bytes_to_browser = summary.to_client_bytes,
                 "VNC session closed");

@@ -1,8 +1,9 @@
 //! WebSocket frames as the console pumps see them, the reasons vmhost closes a console with, and
 //! the adapters that let one pump serve axum's server sockets and tokio-tungstenite's sockets.
 //!
-//! The adapters are the only place in `console` that names axum or tungstenite types; both
-//! conversions are zero-copy for binary payloads (`Bytes` moves across).
+//! The adapters are the only place in `console` that names axum's or tungstenite's WebSocket
+//! types (the shell and the tests use them; VNC runs on [`super::websocket`]); both conversions
+//! are zero-copy for binary payloads (`Bytes` moves across).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -26,7 +27,8 @@ pub const CONSOLE_READ_BUFFER_BYTES: usize = 8 * 1024;
 /// Largest message accepted from a VNC client (a big clipboard paste).
 pub const VNC_MAX_MESSAGE_BYTES: usize = 8 << 20;
 
-/// Applies the console settings to an axum WebSocket upgrade: for VNC the `binary`
+/// Applies the console settings to an axum WebSocket upgrade (the shell's; the VNC route
+/// takes [`super::WsUpgrade`] with [`super::SocketConfig::vnc`] instead): for VNC the `binary`
 /// subprotocol (echoed only when the client offers it, as old noVNC versions do) and an 8 MiB
 /// message cap; for the shell a cap just above [`MAX_CLIENT_FRAME_BYTES`], so an oversized
 /// message gets the shell's own 1009 close rather than a library error; for both a small read

@@ -14,9 +14,11 @@
 //!   and the VNC stream.
 //! - [`shell`]: [`run_shell`] speaks UCloud's shell protocol over the same engine.
 //! - [`frame`]: [`WsFrame`], [`CloseReason`] and [`WsAdapter`], which makes an axum or
-//!   tokio-tungstenite socket the `Sink<WsFrame> + Stream` both pumps take. This is the only
-//!   file here that names axum (the pumps are generic, so tests run them over channels and
-//!   in-memory pipes).
+//!   tokio-tungstenite socket the `Sink<WsFrame> + Stream` both pumps take (the shell runs on
+//!   axum's WebSocket).
+//! - [`websocket`]: vmhost's own RFC 6455 server side for VNC: the upgrade ([`WsUpgrade`]) and
+//!   [`ServerSocket`], which sends the pump's upstream reads to the client without copying
+//!   them. The pumps are generic, so tests run them over channels and in-memory pipes.
 //!
 //! ## Wiring (for `api`)
 //! ```ignore
@@ -31,15 +33,15 @@
 //! let grant = tokens.redeem(&query.token, SessionKind::Vnc)?; // Expired → "this link expired"
 //! let stream = backend.open_vnc(&domain_name(&grant)).await?; // before the upgrade: errors are HTTP
 //! let stop = runner_stop_signal(&grant);                      // fired on suspend/stop/terminate
-//! configure_upgrade(ws, SessionKind::Vnc)                      // subprotocol, caps, small read buffer
-//!     .on_upgrade(move |socket| async move {
-//!         let summary = proxy(WsAdapter::new(socket), stream, stop, ProxyConfig::default()).await;
-//!         debug!(job_id = %grant.job_id, ?summary.ended, "console closed");
-//!     })
+//! ws.on_upgrade(SocketConfig::vnc(), move |socket| async move { // ws: WsUpgrade (extractor)
+//!     let summary = proxy(socket, stream, stop, ProxyConfig::default()).await;
+//!     debug!(job_id = %grant.job_id, ?summary.ended, "console closed");
+//! })
 //! ```
 //! The shell route is the same with [`SessionKind::Shell`], the `session` query parameter,
 //! `backend.open_serial` and [`run_shell`] (which also checks the `sessionIdentifier` of the
-//! client's `initialize` against the redeemed token).
+//! client's `initialize` against the redeemed token), on axum's WebSocket:
+//! `configure_upgrade(ws, SessionKind::Shell).on_upgrade(|s| run_shell(WsAdapter::new(s), …))`.
 //!
 //! ## Policies
 //! - **Tokens**: 256 random bits, stored only as SHA-256, single use (a failed redeem burns
@@ -63,6 +65,7 @@ pub mod frame;
 pub mod proxy;
 pub mod shell;
 pub mod tokens;
+pub mod websocket;
 
 use std::sync::{Arc, OnceLock};
 
@@ -72,6 +75,7 @@ pub use frame::{configure_upgrade, CloseReason, WsAdapter, WsFrame};
 pub use proxy::{proxy, Ended, ProxyConfig, ProxySummary};
 pub use shell::{run_shell, ShellConfig};
 pub use tokens::{origin_allowed, Grant, SessionKind, SessionTokens, TokenError};
+pub use websocket::{ServerSocket, SocketConfig, WsUpgrade};
 
 /// Ends console sessions from outside, with the reason their clients are shown.
 ///
@@ -199,7 +203,7 @@ mod tests {
         fn is_send<T: Send>(_: &T) {}
         // Type-checked only: an axum WebSocket exists only inside an upgrade.
         fn check(
-            vnc: WsAdapter<axum::extract::ws::WebSocket>,
+            vnc: ServerSocket<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>,
             shell: WsAdapter<axum::extract::ws::WebSocket>,
             display: crate::backend::ConsoleStream,
             serial: crate::backend::ConsoleStream,

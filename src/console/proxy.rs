@@ -8,11 +8,12 @@
 //! ## Rules
 //! - Order is kept in both directions; nothing is dropped while the session runs.
 //! - Text frames from the client are ignored (noVNC only sends binary); the client's Pings are
-//!   answered by the WebSocket library (axum and tungstenite both do), its Pongs are ignored.
+//!   answered by the WebSocket layer ([`super::ServerSocket`], axum and tungstenite all do), its Pongs are ignored.
 //! - The engine sends a Ping every [`ProxyConfig::ping_interval`] so that reverse proxies with
 //!   idle timeouts (nginx: 60 s) keep quiet consoles open.
-//! - Frames to the client are at most [`ProxyConfig::max_frame_bytes`]; reads start at 8 KiB and
-//!   double while they fill the buffer, so idle sessions hold little memory.
+//! - Frames to the client are at most [`ProxyConfig::max_frame_bytes`]; reads start at 8 KiB,
+//!   double while they fill the buffer and halve again when they come back small, so a burst
+//!   moves in large frames and idle sessions hold little memory.
 //!
 //! ## How a session ends
 //! | cause | vmhost sends | then |
@@ -30,8 +31,11 @@
 //! ## Concurrency
 //! One task, no locks: the engine polls both directions from a single future, so it needs
 //! neither a split WebSocket nor a split upstream, and a stalled direction (backpressure) never
-//! blocks the other. Frames are flushed to the client when the upstream has nothing more to
-//! read right now, so bursts leave in few syscalls and single keystrokes leave at once.
+//! blocks the other. Nothing is read from the upstream until the client's sink is ready for
+//! another frame (backpressure); each read then goes to the sink at once, and the sink is
+//! flushed when the upstream has nothing more to read right now, so bursts leave in few
+//! syscalls and single keystrokes leave at once. Over [`super::ServerSocket`] a read is
+//! written to the client without being copied, and the next read reuses its buffer.
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
@@ -64,7 +68,9 @@ pub struct ProxyConfig {
     /// Interval between WebSocket Pings to the client; `None` sends none. Default: 20 s.
     pub ping_interval: Option<Duration>,
     /// Largest read from the upstream, hence largest frame to the client (at least 1).
-    /// Default: 64 KiB, as websockify.
+    /// Default: 1 MiB. Reads only grow that large while the upstream has that much waiting (a
+    /// burst, or a client slower than the VM), where large reads save CPU per byte (see
+    /// docs/benchmarks.md); websockify reads 64 KiB.
     pub max_frame_bytes: usize,
     /// Bound on each closing step (sending Close, awaiting the reply, shutting the upstream
     /// down). Default: 5 s.
@@ -78,7 +84,7 @@ impl Default for ProxyConfig {
     fn default() -> ProxyConfig {
         ProxyConfig {
             ping_interval: Some(Duration::from_secs(20)),
-            max_frame_bytes: 64 * 1024,
+            max_frame_bytes: 1 << 20,
             close_timeout: Duration::from_secs(5),
             max_session: None,
         }
@@ -116,7 +122,8 @@ pub enum Ended {
     UpstreamFailed(io::Error),
 }
 
-/// Proxies a VNC console: `ws` is the client's WebSocket (see [`super::WsAdapter`]), `upstream`
+/// Proxies a VNC console: `ws` is the client's WebSocket (a [`super::ServerSocket`], or a
+/// library's socket through [`super::WsAdapter`]), `upstream`
 /// the console's byte stream. Returns when the session has ended, as described in the module
 /// docs; the caller only logs the summary.
 pub async fn proxy<W, E, U>(
@@ -200,12 +207,11 @@ pub(super) struct Pump<W, U, C> {
     upstream_dirty: bool,
     /// Frames for the client that go before upstream data: replies, pings.
     outbox: VecDeque<WsFrame>,
-    /// A data frame read from the upstream, waiting for the client's sink.
-    to_client: Option<WsFrame>,
     /// Frames were handed to the client's sink since its last flush.
     ws_dirty: bool,
     read_buf: BytesMut,
-    /// Size of the next read: grows from [`INITIAL_READ_BYTES`] to `max_read`.
+    /// Size of the next read: between [`INITIAL_READ_BYTES`] and `max_read`, following the
+    /// reads (see [`Pump::adapt_read_size`]).
     read_size: usize,
     max_read: usize,
     ping: Option<Interval>,
@@ -244,7 +250,6 @@ where
             to_upstream: Bytes::new(),
             upstream_dirty: false,
             outbox: VecDeque::new(),
-            to_client: None,
             ws_dirty: false,
             read_buf: BytesMut::new(),
             read_size: INITIAL_READ_BYTES.min(max_read),
@@ -355,6 +360,10 @@ where
 
     /// Upstream bytes (and queued replies and pings) → client frames. `Ready` only when the
     /// session must stop.
+    ///
+    /// The client's sink must be ready before anything is read from the upstream: that is the
+    /// backpressure, and it also gives the sink the chance to write the previous frame out
+    /// first, so the next read reuses the buffer that frame was read into.
     fn poll_to_client(&mut self, cx: &mut Context<'_>) -> Poll<Finish> {
         if let Some(ping) = &mut self.ping {
             while ping.poll_tick(cx).is_ready() {
@@ -365,70 +374,92 @@ where
             }
         }
         for _ in 0..BUDGET {
-            if !self.outbox.is_empty() || self.to_client.is_some() {
-                match Pin::new(&mut self.ws).poll_ready(cx) {
-                    Poll::Ready(Ok(())) => {}
-                    Poll::Ready(Err(e)) => return Poll::Ready(Finish::ClientFailed(e.into())),
-                    Poll::Pending => return Poll::Pending,
-                }
-                let frame = match self.outbox.pop_front() {
-                    Some(frame) => {
-                        if matches!(frame, WsFrame::Ping(_)) {
-                            self.ping_queued = false;
-                        }
-                        if self.reader_waits_for_outbox && self.outbox.len() < OUTBOX_LIMIT {
-                            self.reader_waits_for_outbox = false;
-                            cx.waker().wake_by_ref();
-                        }
-                        frame
-                    }
-                    None => match self.to_client.take() {
-                        Some(frame) => frame,
-                        None => continue,
-                    },
-                };
-                if let Err(e) = Pin::new(&mut self.ws).start_send(frame) {
-                    return Poll::Ready(Finish::ClientFailed(e.into()));
-                }
-                self.ws_dirty = true;
-                continue;
+            match Pin::new(&mut self.ws).poll_ready(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Finish::ClientFailed(e.into())),
+                Poll::Pending => return Poll::Pending,
             }
-            self.read_buf_reserve();
-            let mut limited = (&mut self.read_buf).limit(self.read_size);
-            match poll_read_buf(Pin::new(&mut self.upstream), cx, &mut limited) {
-                Poll::Ready(Ok(0)) => return Poll::Ready(Finish::UpstreamClosed),
-                Poll::Ready(Ok(n)) => {
-                    self.to_client_bytes += n as u64;
-                    if n >= self.read_size {
-                        self.read_size = (self.read_size * 2).min(self.max_read);
+            let frame = match self.outbox.pop_front() {
+                Some(frame) => {
+                    if matches!(frame, WsFrame::Ping(_)) {
+                        self.ping_queued = false;
                     }
-                    let chunk = self.read_buf.split().freeze();
-                    self.to_client = self.codec.upstream_bytes(chunk);
+                    if self.reader_waits_for_outbox && self.outbox.len() < OUTBOX_LIMIT {
+                        self.reader_waits_for_outbox = false;
+                        cx.waker().wake_by_ref();
+                    }
+                    frame
                 }
-                Poll::Ready(Err(e)) => return Poll::Ready(Finish::UpstreamFailed(e)),
-                Poll::Pending => {
-                    // The upstream is quiet for now: push what is buffered out to the client.
-                    if self.ws_dirty {
-                        match Pin::new(&mut self.ws).poll_flush(cx) {
-                            Poll::Ready(Ok(())) => self.ws_dirty = false,
-                            Poll::Ready(Err(e)) => {
-                                return Poll::Ready(Finish::ClientFailed(e.into()))
+                None => match self.poll_upstream_frame(cx) {
+                    Poll::Ready(Ok(Some(frame))) => frame,
+                    Poll::Ready(Ok(None)) => continue,
+                    Poll::Ready(Err(finish)) => return Poll::Ready(finish),
+                    Poll::Pending => {
+                        // The upstream is quiet for now: push what is queued out to the client.
+                        if self.ws_dirty {
+                            match Pin::new(&mut self.ws).poll_flush(cx) {
+                                Poll::Ready(Ok(())) => self.ws_dirty = false,
+                                Poll::Ready(Err(e)) => {
+                                    return Poll::Ready(Finish::ClientFailed(e.into()))
+                                }
+                                Poll::Pending => {}
                             }
-                            Poll::Pending => {}
                         }
+                        return Poll::Pending;
                     }
-                    return Poll::Pending;
-                }
+                },
+            };
+            if let Err(e) = Pin::new(&mut self.ws).start_send(frame) {
+                return Poll::Ready(Finish::ClientFailed(e.into()));
             }
+            self.ws_dirty = true;
         }
         cx.waker().wake_by_ref();
         Poll::Pending
     }
 
-    /// Makes room for the next read. Once the previous chunk has been dropped by the sink
-    /// (tungstenite copies payloads into its write buffer), `BytesMut` reuses its allocation,
-    /// so a busy session reads into the same memory over and over.
+    /// One read from the upstream, through the codec: `Ok(None)` if the codec holds it back,
+    /// `Err` when the session must stop.
+    fn poll_upstream_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Option<WsFrame>, Finish>> {
+        self.read_buf_reserve();
+        let mut limited = (&mut self.read_buf).limit(self.read_size);
+        match std::task::ready!(poll_read_buf(
+            Pin::new(&mut self.upstream),
+            cx,
+            &mut limited
+        )) {
+            Ok(0) => Poll::Ready(Err(Finish::UpstreamClosed)),
+            Ok(n) => {
+                self.to_client_bytes += n as u64;
+                self.adapt_read_size(n);
+                let chunk = self.read_buf.split().freeze();
+                Poll::Ready(Ok(self.codec.upstream_bytes(chunk)))
+            }
+            Err(e) => Poll::Ready(Err(Finish::UpstreamFailed(e))),
+        }
+    }
+
+    /// Reads that fill the buffer double the next read (a burst: fewer, larger frames); reads
+    /// under a quarter of it halve it, back down to [`INITIAL_READ_BYTES`].
+    fn adapt_read_size(&mut self, n: usize) {
+        if n >= self.read_size {
+            self.read_size = (self.read_size * 2).min(self.max_read);
+        } else if n < self.read_size / 4 {
+            self.read_size = (self.read_size / 2).max(INITIAL_READ_BYTES.min(self.max_read));
+        }
+    }
+
+    /// Makes room for the next read. Once the sink has written the previous chunk and dropped
+    /// it, `BytesMut` reuses its allocation, so a busy session reads into the same memory over
+    /// and over; once the reads have shrunk, a buffer grown by a burst is let go, so a session
+    /// that turns quiet holds little memory again.
     fn read_buf_reserve(&mut self) {
+        if self.read_buf.capacity() > 4 * self.read_size {
+            self.read_buf = BytesMut::new();
+        }
         self.read_buf.reserve(self.read_size);
     }
 
@@ -457,7 +488,6 @@ where
                 }
             } else {
                 self.outbox.clear();
-                self.to_client = None;
                 self.to_upstream = Bytes::new();
                 self.discard_client_data = true;
             }
@@ -487,9 +517,6 @@ where
     /// Sends what is queued for the client, then the Close frame.
     async fn send_close(&mut self, reason: &CloseReason) -> Result<(), BoxError> {
         while let Some(frame) = self.outbox.pop_front() {
-            self.ws.feed(frame).await.map_err(Into::into)?;
-        }
-        if let Some(frame) = self.to_client.take() {
             self.ws.feed(frame).await.map_err(Into::into)?;
         }
         self.ws

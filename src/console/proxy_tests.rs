@@ -219,7 +219,10 @@ async fn four_mib_frames_pass_and_reads_are_framed_at_most_max_frame_bytes() {
     )
     .await;
     assert!(got_upstream == big && got_client == big);
-    assert!(largest <= 64 * 1024, "largest frame {largest}");
+    assert!(
+        largest <= quiet().max_frame_bytes,
+        "largest frame {largest}"
+    );
     assert!(
         largest > 8 * 1024,
         "reads grow past the initial size: {largest}"
@@ -591,4 +594,104 @@ async fn a_zero_max_frame_bytes_still_forwards_byte_by_byte() {
     assert_eq!((got.as_slice(), largest), (&b"0123456789"[..], 1));
     drop(s.client.tx);
     within(10, s.task).await.unwrap();
+}
+
+#[tokio::test]
+async fn reads_grow_in_a_burst_and_shrink_back_when_it_is_over() {
+    let (ws, _client) = ws_pair(1);
+    let (upstream, _peer) = tokio::io::duplex(1024);
+    let mut pump = Pump::new(ws, upstream, Passthrough, ProxyConfig::default());
+    let max = ProxyConfig::default().max_frame_bytes;
+    assert_eq!(pump.read_size, INITIAL_READ_BYTES);
+    while pump.read_size < max {
+        pump.adapt_read_size(pump.read_size);
+    }
+    pump.adapt_read_size(max);
+    assert_eq!(
+        pump.read_size, max,
+        "full reads stop growing at the largest frame"
+    );
+    pump.read_buf_reserve();
+    assert!(pump.read_buf.capacity() >= max);
+    for _ in 0..3 {
+        pump.adapt_read_size(max / 2);
+    }
+    assert_eq!(pump.read_size, max, "reads of half the buffer keep it");
+    while pump.read_size > INITIAL_READ_BYTES {
+        pump.adapt_read_size(1);
+    }
+    pump.adapt_read_size(1);
+    assert_eq!(
+        pump.read_size, INITIAL_READ_BYTES,
+        "small reads shrink it back"
+    );
+    pump.read_buf_reserve();
+    assert!(
+        pump.read_buf.capacity() < max,
+        "the burst's buffer is let go: {}",
+        pump.read_buf.capacity()
+    );
+}
+
+/// The pump over vmhost's own WebSocket ([`crate::console::ServerSocket`]) and a tungstenite
+/// client: a burst larger than any frame arrives whole and in order, the client's bytes reach
+/// the upstream, and the upstream's EOF ends in the closing handshake.
+#[tokio::test]
+async fn over_vmhosts_own_websocket_a_burst_arrives_whole_then_the_close_handshake() {
+    use crate::console::{ServerSocket, SocketConfig};
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::WebSocketStream;
+
+    let (server_io, client_io) = tokio::io::duplex(256 * 1024);
+    let (upstream, peer) = tokio::io::duplex(256 * 1024);
+    let server = ServerSocket::new(server_io, SocketConfig::vnc());
+    let mut client = WebSocketStream::from_raw_socket(client_io, Role::Client, None).await;
+    let task = tokio::spawn(proxy(server, upstream, StopSignal::new(), quiet()));
+    let (mut peer_r, mut peer_w) = tokio::io::split(peer);
+
+    let burst = pattern(5, 3 << 20);
+    let upstream_writes = async {
+        peer_w.write_all(&burst).await.unwrap();
+        peer_w.shutdown().await.unwrap();
+    };
+    let client_talks = async {
+        client
+            .send(Message::binary(&b"RFB 003.008\n"[..]))
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let close = loop {
+            match client.next().await.unwrap().unwrap() {
+                Message::Binary(b) => got.extend_from_slice(&b),
+                Message::Close(close) => break close.unwrap(),
+                other => panic!("unexpected {other:?}"),
+            }
+        };
+        // tungstenite answers the Close; the stream then ends cleanly.
+        assert!(client.next().await.is_none());
+        (got, close)
+    };
+    let upstream_reads = async {
+        let mut hello = [0; 12];
+        peer_r.read_exact(&mut hello).await.unwrap();
+        hello
+    };
+    let ((), (got, close), hello) = within(
+        30,
+        futures::future::join3(upstream_writes, client_talks, upstream_reads),
+    )
+    .await;
+    assert_eq!(&hello, b"RFB 003.008\n");
+    assert!(got == burst, "upstream → client bytes differ");
+    assert_eq!(
+        (u16::from(close.code), close.reason.as_str()),
+        (1000, "the virtual machine's console closed")
+    );
+    let summary = within(10, task).await.unwrap();
+    assert!(
+        matches!(summary.ended, Ended::UpstreamClosed),
+        "{summary:?}"
+    );
+    assert_eq!(summary.to_client_bytes, burst.len() as u64);
 }
