@@ -5,6 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 
 use crate::api::{self, AppState};
 use crate::backend::{
@@ -130,7 +131,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let daemon = build(config).await?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .with_context(|| format!("binding {listen}"))?;
+        .with_context(|| format!("binding {listen}"))?
+        // Console keystrokes and small screen updates must not wait for Nagle's algorithm.
+        .tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::warn!(error = %e, "cannot set TCP_NODELAY on a client connection");
+            }
+        });
     tracing::info!(%listen, "vmhost is serving");
     axum::serve(listener, daemon.router)
         .with_graceful_shutdown(shutdown_signal())
