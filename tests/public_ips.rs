@@ -60,7 +60,11 @@ async fn create_ip(d: &TestDaemon, open: &[(u32, u32, &str)]) -> (String, Ipv4Ad
 }
 
 async fn retrieve_ip(d: &TestDaemon, id: &str) -> Value {
-    let (status, body) = d.get(&format!("/api/networkips/retrieve?id={id}")).await;
+    let (status, body) = d
+        .get(&format!(
+            "/api/networkips/retrieve?id={id}&includeProduct=true"
+        ))
+        .await;
     assert_eq!(status, 200, "{body}");
     body
 }

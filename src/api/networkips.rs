@@ -11,8 +11,8 @@ use super::error::ApiError;
 use super::extract::{AppJson, AppQuery, AuthUser};
 use super::jobs::{decode_cursor, encode_cursor, DEFAULT_PAGE, MAX_PAGE};
 use super::types::{
-    wire_public_ip, BulkRequest, BulkResponse, FindByStringId, FirewallItem, PageQuery, PageV2,
-    Unit,
+    wire_public_ip, BulkRequest, BulkResponse, FindByStringId, FirewallItem, IdQuery, PageQuery,
+    PageV2, Unit,
 };
 use super::AppState;
 use crate::network::public_ips::PublicIpSpec;
@@ -34,7 +34,7 @@ pub(super) async fn create(
 pub(super) async fn retrieve(
     State(state): State<AppState>,
     AuthUser(owner): AuthUser,
-    AppQuery(query): AppQuery<FindByStringId>,
+    AppQuery(query): AppQuery<IdQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let ip = state.public_ips.retrieve(&owner, &query.id).await?;
     Ok(Json(wire_public_ip(&ip, state.public_ips.config())))

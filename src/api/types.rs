@@ -102,19 +102,25 @@ pub struct PageQuery {
     pub next: Option<String>,
 }
 
+/// A resource id as a query parameter; other parameters (UCloud's include flags) are ignored.
+#[derive(Debug, Deserialize)]
+pub struct IdQuery {
+    pub id: String,
+}
+
 /// One item of `networkips/firewall`: the end-user form `{id, firewall}` or the provider form
 /// `{networkIp: {id, ...}, firewall}`.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct FirewallItem {
     pub id: Option<String>,
-    pub network_ip: Option<FindByStringIdLoose>,
+    pub network_ip: Option<PublicIpRef>,
     pub firewall: FirewallSpec,
 }
 
-/// An object of which only `id` matters (the rest of a `PublicIp`).
+/// A whole `PublicIp` of which only the `id` matters here.
 #[derive(Debug, Deserialize)]
-pub struct FindByStringIdLoose {
+pub struct PublicIpRef {
     pub id: String,
 }
 
