@@ -24,3 +24,4 @@ pub mod network;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod ucloud;

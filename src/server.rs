@@ -95,7 +95,7 @@ pub async fn build_with(
     let config = Arc::new(config);
     let guard = Arc::new(FirewallGuard::new(
         config.clone(),
-        naming.clone(),
+        naming.agent_id.clone(),
         store.clone(),
         firewall,
     ));

@@ -16,10 +16,7 @@ use crate::config::Config;
 use crate::images::{Catalog, ImageCache};
 use crate::network::guard::FirewallGuard;
 use crate::store::{JobQuery, NewJob, Store, StoreError, VmRecord};
-
-/// The user a request acts for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Owner(pub String);
+use crate::ucloud::Owner;
 
 /// An update appended to a job, as published to followers.
 #[derive(Debug, Clone)]

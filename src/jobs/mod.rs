@@ -20,7 +20,8 @@ pub mod state;
 
 use serde::{Deserialize, Serialize};
 
-pub use manager::{JobChange, JobManager, JobManagerDeps, Owner, Utilization};
+pub use crate::ucloud::{now_millis, Owner};
+pub use manager::{JobChange, JobManager, JobManagerDeps, Utilization};
 pub use naming::VmNaming;
 pub use spec::{JobSpec, LaunchPlan, SpecError};
 pub use state::{JobState, StopKind};
@@ -110,12 +111,6 @@ pub enum JobError {
     Bulk { errors: Vec<JobError> },
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
-}
-
-/// Milliseconds since the epoch, the timestamp unit of the UCloud API.
-pub fn now_millis() -> i64 {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
-    now.map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 impl From<crate::backend::BackendError> for JobError {

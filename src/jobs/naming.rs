@@ -1,11 +1,9 @@
-//! Where a job's VMs live on the host: domain names, file paths and tap device names.
+//! Where a job's VMs live on the host: domain names and file paths.
 //!
 //! All of it is derived from `(job id, rank)` so that reconciliation can recompute it and two
 //! vmhost instances sharing one libvirt (with different prefixes) never collide.
 
 use std::path::PathBuf;
-
-use sha2::{Digest, Sha256};
 
 use crate::store::VmRecord;
 
@@ -43,13 +41,6 @@ impl VmNaming {
             dir,
             domain,
         }
-    }
-
-    /// The host-side tap device of NIC `index`: `vh` + 10 hex digits + `n<index>`, within the
-    /// kernel's 15-byte limit, distinct per vmhost instance, and never libvirt's own `vnetN`.
-    pub fn tap(&self, job_id: &str, rank: u32, index: u32) -> String {
-        let digest = Sha256::digest(format!("{}/{job_id}/{rank}", self.agent_id));
-        format!("vh{}n{index}", &hex::encode(&digest[..5]))
     }
 
     /// cloud-init's instance-id: stable for the life of the VM, so first-boot modules run once.
@@ -96,15 +87,5 @@ mod tests {
         assert_eq!(r.dir, PathBuf::from("/d/vms/vmhost-a-7-0"));
         assert!(r.overlay.starts_with(&r.dir) && r.seed.starts_with(&r.dir));
         assert!(r.console_log.starts_with(&r.dir));
-    }
-
-    #[test]
-    fn taps_fit_the_kernel_limit_and_are_distinct() {
-        let n = naming();
-        let tap = n.tap("123456789", 7, 9);
-        assert!(tap.len() <= 15 && tap.starts_with("vh"), "{tap}");
-        assert_eq!(tap, n.tap("123456789", 7, 9));
-        assert_ne!(n.tap("1", 0, 0), n.tap("1", 1, 0));
-        assert_ne!(n.tap("1", 0, 0), n.tap("1", 0, 1));
     }
 }

@@ -105,7 +105,13 @@ async fn provision_replicas(ctx: &Inner, job: &JobRecord) -> Result<(), JobError
     for rank in 0..plan.replicas {
         let record = deps.naming.record(&job.id, rank);
         deps.store.put_vm(record.clone()).await?;
-        let nics = layout::vm_nics(&deps.config, &deps.naming, &job.id, rank, &addresses);
+        let nics = layout::vm_nics(
+            &deps.config,
+            &deps.naming.agent_id,
+            &job.id,
+            rank,
+            &addresses,
+        );
         let started = async {
             connect_private_nic(ctx, &record, &nics).await?;
             // Rules first: the VM never runs unguarded, not even for its first packets.

@@ -20,14 +20,7 @@ pub struct AppRef {
     pub version: String,
 }
 
-/// `ProductReference`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ProductRef {
-    pub id: String,
-    pub category: String,
-    pub provider: String,
-}
+pub use crate::ucloud::ProductRef;
 
 /// `SimpleDuration`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -12,7 +12,6 @@ use super::firewall::{FirewallPlan, GuardedNic, GuardedVm, PrivateSegment};
 use super::layout::vm_nics;
 use super::nft::{Firewall, FirewallError};
 use crate::config::Config;
-use crate::jobs::VmNaming;
 use crate::store::{AddressedVm, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -26,7 +25,8 @@ pub enum GuardError {
 #[derive(Debug)]
 pub struct FirewallGuard {
     config: Arc<Config>,
-    naming: VmNaming,
+    /// This vmhost's identity, part of every tap name.
+    agent_id: String,
     store: Store,
     firewall: Arc<dyn Firewall>,
     serial: tokio::sync::Mutex<()>,
@@ -35,13 +35,13 @@ pub struct FirewallGuard {
 impl FirewallGuard {
     pub fn new(
         config: Arc<Config>,
-        naming: VmNaming,
+        agent_id: String,
         store: Store,
         firewall: Arc<dyn Firewall>,
     ) -> FirewallGuard {
         FirewallGuard {
             config,
-            naming,
+            agent_id,
             store,
             firewall,
             serial: tokio::sync::Mutex::new(()),
@@ -52,7 +52,7 @@ impl FirewallGuard {
     pub async fn sync(&self) -> Result<(), GuardError> {
         let _one_at_a_time = self.serial.lock().await;
         let vms = self.store.addressed_vms().await?;
-        let plan = plan(&self.config, &self.naming, &vms);
+        let plan = plan(&self.config, &self.agent_id, &vms);
         self.firewall.apply(&plan).await?;
         tracing::debug!(vms = plan.vms.len(), "firewall synced");
         Ok(())
@@ -69,7 +69,7 @@ pub fn table_name(config: &Config) -> String {
 }
 
 /// The firewall plan for `vms`. Pure.
-pub fn plan(config: &Config, naming: &VmNaming, vms: &[AddressedVm]) -> FirewallPlan {
+pub fn plan(config: &Config, agent_id: &str, vms: &[AddressedVm]) -> FirewallPlan {
     let private = config.private_network().map(|p| PrivateSegment {
         bridge: p.bridge.clone(),
         subnet: p.subnet,
@@ -81,7 +81,7 @@ pub fn plan(config: &Config, naming: &VmNaming, vms: &[AddressedVm]) -> Firewall
             job_id: vm.job_id.clone(),
             rank: vm.rank,
             owner: vm.owner.clone(),
-            nics: vm_nics(config, naming, &vm.job_id, vm.rank, &vm.addresses)
+            nics: vm_nics(config, agent_id, &vm.job_id, vm.rank, &vm.addresses)
                 .into_iter()
                 .map(|nic| GuardedNic {
                     tap: nic.tap,

@@ -14,10 +14,11 @@
 
 use std::net::Ipv4Addr;
 
+use sha2::{Digest, Sha256};
+
 use super::firewall::NicRole;
 use crate::backend::NicAttachment;
 use crate::config::Config;
-use crate::jobs::VmNaming;
 use crate::store::JobAddresses;
 
 /// One NIC with everything the domain, the seed and the firewall need.
@@ -35,16 +36,24 @@ pub struct VmNic {
     pub role: NicRole,
 }
 
+/// The host-side tap device of NIC `index`: `vh` + 10 hex digits + `n<index>`, within the
+/// kernel's 15-byte limit, distinct per vmhost instance (`agent_id`), and never libvirt's own
+/// `vnetN`.
+pub fn tap_name(agent_id: &str, job_id: &str, rank: u32, index: u32) -> String {
+    let digest = Sha256::digest(format!("{agent_id}/{job_id}/{rank}"));
+    format!("vh{}n{index}", hex::encode(&digest[..5]))
+}
+
 /// The MAC of the NIC holding `address`.
 pub fn mac_for(address: Ipv4Addr) -> String {
     let [a, b, c, d] = address.octets();
     format!("52:54:{a:02x}:{b:02x}:{c:02x}:{d:02x}")
 }
 
-/// The NICs of rank `rank` of job `job_id`.
+/// The NICs of rank `rank` of job `job_id`, on the vmhost instance `agent_id`.
 pub fn vm_nics(
     config: &Config,
-    naming: &VmNaming,
+    agent_id: &str,
     job_id: &str,
     rank: u32,
     addresses: &JobAddresses,
@@ -52,7 +61,7 @@ pub fn vm_nics(
     let mut nics = Vec::new();
     let mut index = 0;
     let mut tap = || {
-        let name = naming.tap(job_id, rank, index);
+        let name = tap_name(agent_id, job_id, rank, index);
         index += 1;
         name
     };
@@ -118,14 +127,6 @@ mod tests {
         }
     }
 
-    fn naming() -> VmNaming {
-        VmNaming {
-            prefix: "vmhost".into(),
-            vm_dir: "/d".into(),
-            agent_id: "a".into(),
-        }
-    }
-
     fn addresses() -> JobAddresses {
         let ssh = PortRange {
             start: 22,
@@ -143,7 +144,7 @@ mod tests {
                 pool: "public".into(),
                 address: "203.0.113.10".parse().unwrap(),
                 spec: PublicIpSpec {
-                    product: crate::jobs::spec::ProductRef {
+                    product: crate::ucloud::ProductRef {
                         id: "public".into(),
                         category: "public".into(),
                         provider: "vmhost".into(),
@@ -160,8 +161,18 @@ mod tests {
     }
 
     #[test]
+    fn taps_fit_the_kernel_limit_and_are_distinct() {
+        let tap = tap_name("a", "123456789", 7, 9);
+        assert!(tap.len() <= 15 && tap.starts_with("vh"), "{tap}");
+        assert_eq!(tap, tap_name("a", "123456789", 7, 9));
+        assert_ne!(tap_name("a", "1", 0, 0), tap_name("a", "1", 1, 0));
+        assert_ne!(tap_name("a", "1", 0, 0), tap_name("a", "1", 0, 1));
+        assert_ne!(tap_name("a", "1", 0, 0), tap_name("b", "1", 0, 0));
+    }
+
+    #[test]
     fn rank_zero_gets_the_public_nic_and_the_default_route_through_it() {
-        let nics = vm_nics(&config(), &naming(), "7", 0, &addresses());
+        let nics = vm_nics(&config(), "a", "7", 0, &addresses());
         assert_eq!(nics.len(), 2);
         assert_eq!(nics[0].attachment, NicAttachment::Network("vmhost".into()));
         assert_eq!(nics[0].mac, "52:54:0a:d5:00:02");
@@ -175,7 +186,7 @@ mod tests {
 
     #[test]
     fn other_ranks_get_only_their_private_nic_with_the_default_route() {
-        let nics = vm_nics(&config(), &naming(), "7", 1, &addresses());
+        let nics = vm_nics(&config(), "a", "7", 1, &addresses());
         assert_eq!(nics.len(), 1);
         assert_eq!(nics[0].address, Ipv4Addr::new(10, 213, 0, 3));
         assert!(nics[0].default_route);
@@ -186,7 +197,7 @@ mod tests {
     fn without_the_private_network_only_public_nics_remain() {
         let mut config = config();
         config.private_network.enabled = false;
-        let nics = vm_nics(&config, &naming(), "7", 0, &addresses());
+        let nics = vm_nics(&config, "a", "7", 0, &addresses());
         assert_eq!(nics.len(), 1);
         assert!(nics[0].default_route);
     }

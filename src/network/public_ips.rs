@@ -15,9 +15,8 @@ use serde_json::{Map, Value};
 use super::firewall::PortRange;
 use super::guard::{FirewallGuard, GuardError};
 use crate::config::Config;
-use crate::jobs::spec::ProductRef;
-use crate::jobs::Owner;
 use crate::store::{Store, StoreError};
+use crate::ucloud::{now_millis, Owner, ProductRef};
 
 /// Most port ranges one address may open; each becomes firewall rules.
 pub const MAX_OPEN_PORT_RANGES: usize = 64;
@@ -157,7 +156,7 @@ impl PublicIps {
             }
             pools.push(pool.clone());
         }
-        let now = crate::jobs::now_millis();
+        let now = now_millis();
         let created = self
             .store
             .insert_public_ips(owner.0.clone(), specs.into_iter().zip(pools).collect(), now)
