@@ -15,7 +15,7 @@ use super::types::{
     PageV2, Unit,
 };
 use super::AppState;
-use crate::network::public_ips::PublicIpSpec;
+use crate::network::ip::PublicIpSpec;
 
 pub(super) async fn create(
     State(state): State<AppState>,

@@ -7,7 +7,7 @@ use crate::config::ProductConfig;
 use crate::images::ImageEntry;
 use crate::jobs::spec::{SimpleDuration, PARAM_DISK_SIZE, PARAM_SSH_KEYS, PARAM_USER_DATA};
 use crate::jobs::{JobRecord, JobSpec, JobState, JobUpdate};
-use crate::network::public_ips::{FirewallSpec, PublicIpRecord};
+use crate::network::ip::{FirewallSpec, PublicIpRecord};
 
 /// `BulkRequest<T>`.
 #[derive(Debug, Deserialize)]

@@ -13,45 +13,18 @@ pub mod console;
 mod manager;
 mod naming;
 pub mod reconcile;
+pub mod record;
 mod runner;
 mod scheduler;
 pub mod spec;
 pub mod state;
 
-use serde::{Deserialize, Serialize};
-
 pub use crate::ucloud::{now_millis, Owner};
 pub use manager::{JobChange, JobManager, JobManagerDeps, Utilization};
 pub use naming::VmNaming;
+pub use record::{JobRecord, JobUpdate};
 pub use spec::{JobSpec, LaunchPlan, SpecError};
 pub use state::{JobState, StopKind};
-
-/// One entry of a job's history (`JobUpdate` on the wire).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct JobUpdate {
-    /// Milliseconds since the epoch.
-    pub timestamp: i64,
-    pub state: Option<JobState>,
-    pub status: Option<String>,
-}
-
-/// A job as stored.
-#[derive(Debug, Clone, PartialEq)]
-pub struct JobRecord {
-    pub id: String,
-    pub owner: String,
-    pub state: JobState,
-    pub spec: JobSpec,
-    pub created_at: i64,
-    pub started_at: Option<i64>,
-    pub expires_at: Option<i64>,
-    pub terminate_requested: bool,
-    /// The time allocation including extensions, in milliseconds.
-    pub allocation_ms: Option<i64>,
-    /// A suspend was asked for and has not completed yet.
-    pub suspend_requested: bool,
-    pub updates: Vec<JobUpdate>,
-}
 
 /// The status messages users see, in one place.
 pub mod messages {

@@ -110,7 +110,7 @@ mod tests {
     use super::*;
     use crate::network::config::PublicPoolConfig;
     use crate::network::firewall::{PortRange, Protocol};
-    use crate::network::public_ips::{FirewallSpec, PublicIpRecord, PublicIpSpec};
+    use crate::network::ip::{FirewallSpec, PublicIpRecord, PublicIpSpec};
 
     fn config() -> Config {
         Config {

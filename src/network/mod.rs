@@ -7,11 +7,12 @@
 //! - [`nft`]: the [`nft::Firewall`] seam that installs a ruleset (real `nft`, or a fake).
 //! - [`layout`]: a VM's NICs from its addresses, shared by domain, seed and firewall (pure).
 //! - [`guard`]: keeps the host firewall equal to the store.
-//! - [`public_ips`]: the public IP resources behind `/api/networkips`.
+//! - [`ip`]: a public IP as stored; [`public_ips`]: the service behind `/api/networkips`.
 
 pub mod config;
 pub mod firewall;
 pub mod guard;
+pub mod ip;
 pub mod layout;
 pub mod nft;
 pub mod pool;

@@ -6,59 +6,16 @@
 //! [`crate::jobs`]); the binding is released in the same transaction that makes the job
 //! final. A firewall change of a bound address re-applies the host firewall at once.
 
-use std::net::Ipv4Addr;
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
-
-use super::firewall::PortRange;
 use super::guard::{FirewallGuard, GuardError};
+use super::ip::{FirewallSpec, PublicIpRecord, PublicIpSpec};
 use crate::config::Config;
 use crate::store::{Store, StoreError};
-use crate::ucloud::{now_millis, Owner, ProductRef};
+use crate::ucloud::{now_millis, Owner};
 
 /// Most port ranges one address may open; each becomes firewall rules.
 pub const MAX_OPEN_PORT_RANGES: usize = 64;
-
-/// UCloud's `PublicIPSpecification`: stored as given, echoed back.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct PublicIpSpec {
-    pub product: ProductRef,
-    #[serde(default)]
-    pub labels: Option<Map<String, Value>>,
-    #[serde(default)]
-    pub firewall: Option<FirewallSpec>,
-}
-
-/// UCloud's `FirewallAndId.firewall`: the ports open to the world.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct FirewallSpec {
-    #[serde(default)]
-    pub open_ports: Vec<PortRange>,
-}
-
-impl PublicIpSpec {
-    pub fn open_ports(&self) -> &[PortRange] {
-        self.firewall.as_ref().map_or(&[], |f| &f.open_ports)
-    }
-}
-
-/// A public IP as the store knows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PublicIpRecord {
-    pub id: String,
-    pub owner: String,
-    /// Name of the pool (and product) the address comes from.
-    pub pool: String,
-    pub address: Ipv4Addr,
-    pub spec: PublicIpSpec,
-    /// The active job the address is attached to.
-    pub bound_job: Option<String>,
-    pub created_at: i64,
-}
 
 /// Why a public IP request is refused.
 #[derive(Debug, thiserror::Error)]

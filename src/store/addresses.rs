@@ -10,8 +10,8 @@ use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
 
 use super::StoreError;
 use crate::network::config::PublicPoolConfig;
+use crate::network::ip::{FirewallSpec, PublicIpRecord, PublicIpSpec};
 use crate::network::pool::AddressPool;
-use crate::network::public_ips::{FirewallSpec, PublicIpRecord, PublicIpSpec};
 
 const IP_COLUMNS: &str = "p.id, p.owner, p.pool, p.address, p.spec, p.created_at, p.bound_job";
 

@@ -20,10 +20,10 @@ use rusqlite::Connection;
 pub use addresses::{AddressedVm, JobAddresses};
 pub use queries::{JobQuery, NewJob, VmRecord};
 
-use crate::jobs::{JobRecord, JobUpdate};
+use crate::jobs::record::{JobRecord, JobUpdate};
 use crate::network::config::PublicPoolConfig;
+use crate::network::ip::{FirewallSpec, PublicIpRecord, PublicIpSpec};
 use crate::network::pool::AddressPool;
-use crate::network::public_ips::{FirewallSpec, PublicIpRecord, PublicIpSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

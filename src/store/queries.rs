@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row};
 
 use super::{addresses, StoreError};
-use crate::jobs::{JobRecord, JobSpec, JobState, JobUpdate};
+use crate::jobs::record::{JobRecord, JobUpdate};
+use crate::jobs::spec::JobSpec;
+use crate::jobs::state::JobState;
 use crate::network::pool::AddressPool;
 
 /// A job to insert, with the update that opens its history.
