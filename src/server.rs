@@ -8,9 +8,7 @@ use anyhow::Context;
 use axum::serve::ListenerExt;
 
 use crate::api::{self, AppState};
-use crate::backend::{
-    fake::FakeBackend, libvirt::LibvirtBackend, Accel, PrivateNetworkSpec, VmBackend,
-};
+use crate::backend::{fake::FakeBackend, libvirt::LibvirtBackend, Accel, VmBackend};
 use crate::config::{BackendKind, Config, UserConfig};
 use crate::images::{Catalog, ImageCache};
 use crate::jobs::{JobManager, JobManagerDeps, VmNaming};
@@ -73,14 +71,8 @@ pub async fn build_with(
         agent_id,
     };
     if let Some(private) = config.private_network() {
-        let spec = PrivateNetworkSpec {
-            name: private.name.clone(),
-            bridge: private.bridge.clone(),
-            gateway: private.gateway(),
-            prefix_len: private.subnet.prefix_len(),
-        };
         backend
-            .ensure_network(&spec)
+            .ensure_network(&private.spec())
             .await
             .with_context(|| format!("starting the private network {}", private.name))?;
     }

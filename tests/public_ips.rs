@@ -574,3 +574,13 @@ async fn an_expired_job_releases_its_public_ip() {
     let plan = d.firewall.current().unwrap();
     assert!(plan.vms.is_empty(), "{plan:?}");
 }
+
+#[tokio::test]
+async fn a_private_network_stopped_under_vmhost_is_started_again_for_the_next_vm() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = daemon(dir.path(), pool("203.0.113.0/24", "203.0.113.1", &[])).await;
+    d.fake.simulate_network_stop("vmhost");
+    let job = d.create(job_with(json!(null))).await;
+    d.wait_state(&job, "RUNNING", 10).await;
+    assert!(d.fake.networks()["vmhost"].active);
+}

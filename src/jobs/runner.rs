@@ -177,8 +177,9 @@ enum StartError {
     Firewall(#[from] GuardError),
 }
 
-/// Registers the private NIC's fixed DHCP lease, so images that ask DHCP (rather than read
-/// cloud-init's static configuration) get the same address.
+/// Makes sure the private network runs (someone may have stopped it since vmhost started) and
+/// registers the NIC's fixed DHCP lease, so images that ask DHCP (rather than read cloud-init's
+/// static configuration) get the same address.
 async fn connect_private_nic(
     ctx: &Inner,
     record: &VmRecord,
@@ -187,9 +188,16 @@ async fn connect_private_nic(
     let Some(nic) = nics.iter().find(|n| n.role == NicRole::Private) else {
         return Ok(());
     };
-    let NicAttachment::Network(network) = &nic.attachment else {
+    let (NicAttachment::Network(network), Some(private)) =
+        (&nic.attachment, ctx.deps.config.private_network())
+    else {
         return Ok(());
     };
+    ctx.deps
+        .backend
+        .ensure_network(&private.spec())
+        .await
+        .map_err(StartError::Backend)?;
     let host = DhcpHost {
         mac: nic.mac.clone(),
         address: nic.address,

@@ -11,6 +11,7 @@ use ipnet::Ipv4Net;
 use serde::Deserialize;
 
 use super::pool::AddressPool;
+use crate::backend::PrivateNetworkSpec;
 
 /// vmhost's own NAT network: every VM gets a NIC on it with a fixed address.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -46,6 +47,16 @@ impl PrivateNetworkConfig {
     /// The addresses VMs get: the subnet without the gateway.
     pub fn pool(&self) -> AddressPool {
         AddressPool::new(self.subnet, &[Ipv4Net::from(self.gateway())])
+    }
+
+    /// The libvirt network the hypervisor must run for it.
+    pub fn spec(&self) -> PrivateNetworkSpec {
+        PrivateNetworkSpec {
+            name: self.name.clone(),
+            bridge: self.bridge.clone(),
+            gateway: self.gateway(),
+            prefix_len: self.subnet.prefix_len(),
+        }
     }
 }
 
