@@ -4,7 +4,8 @@
 //! removed, a firewall edited, vmhost starting) calls [`FirewallGuard::sync`], which reads
 //! every VM with its addresses, renders the whole plan and applies it atomically. Applying
 //! the whole state keeps the firewall correct after any crash or missed call: the next sync
-//! repairs it. Syncs are serialised so an older plan never lands after a newer one.
+//! repairs it. Syncs are serialised so an older plan never lands after a newer one. With no VM
+//! to guard, vmhost's tables are removed altogether.
 
 use std::sync::Arc;
 
@@ -53,7 +54,12 @@ impl FirewallGuard {
         let _one_at_a_time = self.serial.lock().await;
         let vms = self.store.addressed_vms().await?;
         let plan = plan(&self.config, &self.agent_id, &vms);
-        self.firewall.apply(&plan).await?;
+        if plan.vms.is_empty() {
+            // Nothing to guard: no tables at all, rather than empty ones left on the host.
+            self.firewall.remove(&plan.table).await?;
+        } else {
+            self.firewall.apply(&plan).await?;
+        }
         tracing::debug!(vms = plan.vms.len(), "firewall synced");
         Ok(())
     }

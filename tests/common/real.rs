@@ -85,6 +85,27 @@ pub fn remove_leftovers(prefix: &str) {
         virsh(&["destroy", &name]);
         virsh(&["undefine", &name]);
     }
+    // A run that failed half-way may also have left its firewall tables (named after the prefix).
+    let table_family = family.replace('-', "_") + "_p";
+    let tables = std::process::Command::new("nft")
+        .args(["list", "tables"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    for line in tables.lines() {
+        let mut words = line.split_whitespace().skip(1);
+        let (Some(nft_family), Some(table)) = (words.next(), words.next()) else {
+            continue;
+        };
+        let Some(pid) = table.strip_prefix(&table_family) else {
+            continue;
+        };
+        if !pid.is_empty() && !Path::new("/proc").join(pid).exists() {
+            let _ = std::process::Command::new("nft")
+                .args(["delete", "table", nft_family, table])
+                .output();
+        }
+    }
 }
 
 /// Every file under `dir`, for "nothing left behind" checks.
