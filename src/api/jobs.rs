@@ -2,10 +2,10 @@
 
 use axum::extract::State;
 use axum::Json;
-use base64::Engine;
 
 use super::error::ApiError;
 use super::extract::{AppJson, AppQuery, AuthUser};
+use super::paging::PageRequest;
 use super::types::{
     wire_job, BrowseQuery, BulkRequest, BulkResponse, ExtendItem, FindByStringId, JobIncludeFlags,
     PageV2, Resolved, RetrieveQuery, SearchRequest, Unit, WireJob,
@@ -13,9 +13,6 @@ use super::types::{
 use super::{products, AppState};
 use crate::jobs::{JobRecord, JobSpec};
 use crate::store::JobQuery;
-
-pub(super) const DEFAULT_PAGE: u32 = 50;
-pub(super) const MAX_PAGE: u32 = 250;
 
 pub(super) async fn jobs_create(
     State(state): State<AppState>,
@@ -116,12 +113,12 @@ pub(super) async fn jobs_extend(
     Ok(acknowledged(items.len()))
 }
 
-fn ids_of(request: BulkRequest<FindByStringId>) -> Vec<String> {
+pub(super) fn ids_of(request: BulkRequest<FindByStringId>) -> Vec<String> {
     request.items.into_iter().map(|i| i.id).collect()
 }
 
 /// `BulkResponse<Unit>` with one empty object per item.
-fn acknowledged(items: usize) -> Json<BulkResponse<Unit>> {
+pub(super) fn acknowledged(items: usize) -> Json<BulkResponse<Unit>> {
     Json(BulkResponse {
         responses: (0..items).map(|_| Unit {}).collect(),
     })
@@ -144,25 +141,19 @@ async fn page(
     items_per_page: Option<u32>,
     next: Option<String>,
 ) -> Result<PageV2<WireJob>, ApiError> {
-    let items_per_page = items_per_page.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
-    let before_id = next.as_deref().map(decode_cursor).transpose()?;
+    let page = PageRequest::parse(items_per_page, next.as_deref())?;
     let mut query = query_from_flags(&flags);
     query.text = text;
-    query.before_id = before_id;
-    // One extra row tells whether another page exists without a count query.
-    query.limit = Some(items_per_page + 1);
+    query.before_id = page.before_id;
+    query.limit = Some(page.fetch_limit());
     let mut jobs = state.manager.browse(owner, query).await?;
-    let more = jobs.len() > items_per_page as usize;
-    jobs.truncate(items_per_page as usize);
-    let next = more
-        .then(|| jobs.last().map(|j| encode_cursor(&j.id)))
-        .flatten();
+    let next = page.finish(&mut jobs, |j| &j.id);
     let mut items = Vec::with_capacity(jobs.len());
     for job in &jobs {
         items.push(to_wire(state, job, &flags).await);
     }
     Ok(PageV2 {
-        items_per_page,
+        items_per_page: page.items_per_page,
         items,
         next,
     })
@@ -198,22 +189,6 @@ fn query_from_flags(flags: &JobIncludeFlags) -> JobQuery {
     }
 }
 
-/// Page cursors are opaque to clients: the last id seen, versioned and encoded.
-pub(super) fn encode_cursor(id: &str) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("v1:{id}"))
-}
-
-pub(super) fn decode_cursor(cursor: &str) -> Result<i64, ApiError> {
-    let bad = || ApiError::BadRequest("invalid next token".into());
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(cursor)
-        .map_err(|_| bad())?;
-    let text = String::from_utf8(bytes).map_err(|_| bad())?;
-    text.strip_prefix("v1:")
-        .and_then(|id| id.parse().ok())
-        .ok_or_else(bad)
-}
-
 pub(super) async fn to_wire(state: &AppState, job: &JobRecord, flags: &JobIncludeFlags) -> WireJob {
     let config = state.manager.config();
     let product = config.product(&job.spec.product.id, &job.spec.product.category);
@@ -231,17 +206,4 @@ pub(super) async fn to_wire(state: &AppState, job: &JobRecord, flags: &JobInclud
         support,
     };
     wire_job(job, flags, &resolved)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cursors_round_trip_and_garbage_is_refused() {
-        assert_eq!(decode_cursor(&encode_cursor("42")).unwrap(), 42);
-        for bad in ["", "!!", "djE6", "eDo0Mg"] {
-            assert!(decode_cursor(bad).is_err(), "{bad}");
-        }
-    }
 }

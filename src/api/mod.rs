@@ -10,6 +10,7 @@ mod extract;
 mod follow;
 mod jobs;
 mod networkips;
+mod paging;
 mod products;
 pub mod types;
 

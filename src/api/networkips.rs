@@ -9,7 +9,8 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::extract::{AppJson, AppQuery, AuthUser};
-use super::jobs::{decode_cursor, encode_cursor, DEFAULT_PAGE, MAX_PAGE};
+use super::jobs::{acknowledged, ids_of};
+use super::paging::PageRequest;
 use super::types::{
     wire_public_ip, BulkRequest, BulkResponse, FindByStringId, FirewallItem, IdQuery, PageQuery,
     PageV2, Unit,
@@ -45,24 +46,15 @@ pub(super) async fn browse(
     AuthUser(owner): AuthUser,
     AppQuery(query): AppQuery<PageQuery>,
 ) -> Result<Json<PageV2<Value>>, ApiError> {
-    let items_per_page = query
-        .items_per_page
-        .unwrap_or(DEFAULT_PAGE)
-        .clamp(1, MAX_PAGE);
-    let before_id = query.next.as_deref().map(decode_cursor).transpose()?;
-    // One extra row tells whether another page exists.
+    let page = PageRequest::parse(query.items_per_page, query.next.as_deref())?;
     let mut ips = state
         .public_ips
-        .browse(&owner, before_id, items_per_page + 1)
+        .browse(&owner, page.before_id, page.fetch_limit())
         .await?;
-    let more = ips.len() > items_per_page as usize;
-    ips.truncate(items_per_page as usize);
-    let next = more
-        .then(|| ips.last().map(|ip| encode_cursor(&ip.id)))
-        .flatten();
+    let next = page.finish(&mut ips, |ip| &ip.id);
     let config = state.public_ips.config();
     Ok(Json(PageV2 {
-        items_per_page,
+        items_per_page: page.items_per_page,
         items: ips.iter().map(|ip| wire_public_ip(ip, config)).collect(),
         next,
     }))
@@ -73,12 +65,10 @@ pub(super) async fn delete(
     AuthUser(owner): AuthUser,
     AppJson(request): AppJson<BulkRequest<FindByStringId>>,
 ) -> Result<Json<BulkResponse<Unit>>, ApiError> {
-    let ids: Vec<String> = request.items.into_iter().map(|i| i.id).collect();
+    let ids = ids_of(request);
     let count = ids.len();
     state.public_ips.delete(&owner, ids).await?;
-    Ok(Json(BulkResponse {
-        responses: (0..count).map(|_| Unit {}).collect(),
-    }))
+    Ok(acknowledged(count))
 }
 
 pub(super) async fn update_firewall(
@@ -93,9 +83,7 @@ pub(super) async fn update_firewall(
         .collect::<Result<_, _>>()?;
     let count = items.len();
     state.public_ips.update_firewall(&owner, items).await?;
-    Ok(Json(BulkResponse {
-        responses: (0..count).map(|_| Unit {}).collect(),
-    }))
+    Ok(acknowledged(count))
 }
 
 /// `SupportByProvider` of the public IP products: one per pool, with the firewall.

@@ -496,18 +496,14 @@ fn opened_or_error<T>(
     }
 }
 
+/// [`map_error`] for calls about a network: "no network" and other refusals name the network.
 fn map_network_error(op: &'static str, name: String, link: &Link, e: VirtError) -> BackendError {
     if e.code().is(ErrorNumber::NoNetwork) {
         return BackendError::NoSuchNetwork { name };
     }
-    if ops::is_connection_error(&e) {
-        link.alive.store(false, Ordering::SeqCst);
-        return BackendError::Unavailable { err: e.into() };
-    }
-    BackendError::Network {
-        op,
-        name,
-        err: e.into(),
+    match map_error(op, name, link, e) {
+        BackendError::Hypervisor { op, name, err } => BackendError::Network { op, name, err },
+        other => other,
     }
 }
 
