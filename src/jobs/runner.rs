@@ -102,21 +102,30 @@ async fn provision_replicas(ctx: &Inner, job: &JobRecord) -> Result<(), JobError
     };
     let addresses = deps.store.job_addresses(&job.id).await?;
     let hosts = peer_hosts(ctx, &plan).await?;
-    for rank in 0..plan.replicas {
-        let record = deps.naming.record(&job.id, rank);
+    let vms: Vec<(VmRecord, Vec<VmNic>)> = (0..plan.replicas)
+        .map(|rank| {
+            let nics = layout::vm_nics(
+                &deps.config,
+                &deps.naming.agent_id,
+                &job.id,
+                rank,
+                &addresses,
+            );
+            (deps.naming.record(&job.id, rank), nics)
+        })
+        .collect();
+    for (record, _) in &vms {
         deps.store.put_vm(record.clone()).await?;
-        let nics = layout::vm_nics(
-            &deps.config,
-            &deps.naming.agent_id,
-            &job.id,
-            rank,
-            &addresses,
-        );
-        let started = async {
-            connect_private_nic(ctx, &record, &nics).await?;
-            // Rules first: the VM never runs unguarded, not even for its first packets.
-            deps.guard.sync().await?;
-            let spec = vm_spec(ctx, job, &plan, &local, &record, &nics, &hosts)?;
+    }
+    let started = async {
+        for (record, nics) in &vms {
+            connect_private_nic(ctx, record, nics).await?;
+        }
+        // Rules first, for every replica at once: no VM runs unguarded, not even for its
+        // first packets.
+        deps.guard.sync().await?;
+        for (record, nics) in &vms {
+            let spec = vm_spec(ctx, job, &plan, &local, record, nics, &hosts)?;
             deps.backend
                 .ensure_defined(&spec)
                 .await
@@ -124,33 +133,34 @@ async fn provision_replicas(ctx: &Inner, job: &JobRecord) -> Result<(), JobError
             deps.backend
                 .start(&record.domain)
                 .await
-                .map_err(StartError::Backend)
-        };
-        if let Err(e) = started.await {
-            tracing::error!(rank, error = %error_chain(&e), "failed to start VM");
-            if job.started_at.is_some() {
-                // An unsuspend: the disks hold the user's data, so never delete them; the
-                // job stays powered off and can be unsuspended again.
-                for vm in deps.store.vms(&job.id).await? {
-                    if let Err(e) = deps.backend.destroy(&vm.domain).await {
-                        tracing::warn!(domain = %vm.domain, error = %error_chain(&e), "cannot stop replica");
-                    }
-                }
-                let why = format!(
-                    "The virtual machine could not be started again: {}; its disk is kept",
-                    error_chain(&e)
-                );
-                return ctx.record(&job.id, Some(JobState::Suspended), &why).await;
-            }
-            remove_all(ctx, job).await?;
-            return fail(
-                ctx,
-                job,
-                &format!("Failed to start the virtual machine: {}", error_chain(&e)),
-            )
-            .await;
+                .map_err(StartError::Backend)?;
+            tracing::info!(rank = record.rank, domain = %record.domain, "VM started");
         }
-        tracing::info!(rank, domain = %record.domain, "VM started");
+        Ok::<(), StartError>(())
+    };
+    if let Err(e) = started.await {
+        tracing::error!(error = %error_chain(&e), "failed to start the job's VMs");
+        if job.started_at.is_some() {
+            // An unsuspend: the disks hold the user's data, so never delete them; the
+            // job stays powered off and can be unsuspended again.
+            for vm in deps.store.vms(&job.id).await? {
+                if let Err(e) = deps.backend.destroy(&vm.domain).await {
+                    tracing::warn!(domain = %vm.domain, error = %error_chain(&e), "cannot stop replica");
+                }
+            }
+            let why = format!(
+                "The virtual machine could not be started again: {}; its disk is kept",
+                error_chain(&e)
+            );
+            return ctx.record(&job.id, Some(JobState::Suspended), &why).await;
+        }
+        remove_all(ctx, job).await?;
+        return fail(
+            ctx,
+            job,
+            &format!("Failed to start the virtual machine: {}", error_chain(&e)),
+        )
+        .await;
     }
     if job.expires_at.is_none() {
         if let Some(allocation) = job.allocation_ms {
@@ -589,9 +599,16 @@ async fn remove_all(ctx: &Inner, job: &JobRecord) -> Result<(), JobError> {
     for vm in ctx.deps.store.vms(&job.id).await? {
         remove_vm(ctx, &vm).await?;
     }
+    // The removed VMs' rules are inert without their taps; a failed sync is repaired by the
+    // next one.
+    if let Err(e) = ctx.deps.guard.sync().await {
+        tracing::warn!(error = %error_chain(&e), "cannot update the firewall after removing VMs");
+    }
     Ok(())
 }
 
+/// Removes one VM, its files, its DHCP lease and its record. The firewall is synced by the
+/// caller once for all VMs it removes (startup reconciliation: the sync that follows it).
 pub(super) async fn remove_vm(ctx: &Inner, vm: &VmRecord) -> Result<(), JobError> {
     let files = VmFiles {
         overlay: vm.overlay.clone(),
@@ -614,10 +631,6 @@ pub(super) async fn remove_vm(ctx: &Inner, vm: &VmRecord) -> Result<(), JobError
     }
     disconnect_private_nic(ctx, vm).await;
     ctx.deps.store.delete_vm(&vm.domain).await?;
-    // The removed VM's rules are inert without its taps; a failed sync is repaired by the next.
-    if let Err(e) = ctx.deps.guard.sync().await {
-        tracing::warn!(error = %error_chain(&e), "cannot update the firewall after removing a VM");
-    }
     Ok(())
 }
 
