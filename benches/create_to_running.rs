@@ -112,16 +112,7 @@ async fn main() {
         let floor_dir = dir.path().join(format!("floor-{i}"));
         common::prepare_floor(&vm_dir, &floor_dir).unwrap();
         let floor_name = format!("{PREFIX}-floor-{i}");
-        let floor_xml: String = xml
-            .lines()
-            .filter(|l| !l.trim_start().starts_with("<uuid>"))
-            .collect::<Vec<_>>()
-            .join("\n")
-            .replace(
-                &format!("<name>{domain}</name>"),
-                &format!("<name>{floor_name}</name>"),
-            )
-            .replace(vm_dir.to_str().unwrap(), floor_dir.to_str().unwrap());
+        let floor_xml = common::floor_xml(&xml, &domain, &floor_name, &vm_dir, &floor_dir);
         let xml_path = floor_dir.join("domain.xml");
         std::fs::write(&xml_path, floor_xml).unwrap();
         call(

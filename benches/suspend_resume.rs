@@ -257,16 +257,7 @@ async fn bench(dir: &Path, runs: usize, samples: &mut Samples) -> anyhow::Result
         let floor_dir = dir.join(format!("floor-{i}"));
         let floor_name = format!("{PREFIX}-floor-{i}");
         common::prepare_floor(&vm_dir, &floor_dir)?;
-        let floor_xml: String = xml
-            .lines()
-            .filter(|l| !l.trim_start().starts_with("<uuid>"))
-            .collect::<Vec<_>>()
-            .join("\n")
-            .replace(
-                &format!("<name>{domain}</name>"),
-                &format!("<name>{floor_name}</name>"),
-            )
-            .replace(vm_dir.to_str().unwrap(), floor_dir.to_str().unwrap());
+        let floor_xml = common::floor_xml(&xml, &domain, &floor_name, &vm_dir, &floor_dir);
         ensure!(
             !floor_xml.contains(&domain),
             "floor XML still names {domain}"

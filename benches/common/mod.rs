@@ -35,6 +35,29 @@ pub fn chmod_755(path: &Path) -> std::io::Result<()> {
     std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
 }
 
+/// `domain`'s XML rewritten for its floor copy: named `floor_name`, without the UUID (libvirt
+/// gives it a new one), and with its files under `floor_dir` instead of `vm_dir`.
+pub fn floor_xml(
+    xml: &str,
+    domain: &str,
+    floor_name: &str,
+    vm_dir: &Path,
+    floor_dir: &Path,
+) -> String {
+    xml.lines()
+        .filter(|l| !l.trim_start().starts_with("<uuid>"))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace(
+            &format!("<name>{domain}</name>"),
+            &format!("<name>{floor_name}</name>"),
+        )
+        .replace(
+            vm_dir.to_str().expect("UTF-8 path"),
+            floor_dir.to_str().expect("UTF-8 path"),
+        )
+}
+
 /// A fresh overlay on the job's backing image (and a copy of its seed, if any) in `floor_dir`.
 pub fn prepare_floor(vm_dir: &Path, floor_dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(floor_dir)?;
