@@ -7,6 +7,8 @@
 
 #[path = "common/netns.rs"]
 mod netns;
+#[path = "common/real.rs"]
+mod real;
 
 use std::net::Ipv4Addr;
 

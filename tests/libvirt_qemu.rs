@@ -180,16 +180,7 @@ async fn real_qemu_tcg_guest_lifecycle() {
     }
     common::init_tracing();
     let t0 = Instant::now();
-    let dir = tempfile::Builder::new()
-        .prefix("vmhost-test-qemu-")
-        .tempdir()
-        .expect("tempdir");
-    // QEMU runs as libvirt-qemu and must traverse the directory (tempdirs are 0700).
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let backend = LibvirtBackend::connect(URI)
-        .await
-        .expect("connect to qemu:///system");
-    remove_leftovers(&backend).await;
+    let (dir, backend) = qemu_test_setup().await;
 
     let base = dir.path().join("base.raw");
     make_base_image(&base, 16);
@@ -311,6 +302,22 @@ async fn lifecycle(backend: LibvirtBackend, s: vmhost::backend::VmSpec, guest: G
 }
 
 /// Whether the project's test image is here; fails instead of skipping where it must exist.
+/// A directory QEMU (running as libvirt-qemu) can traverse, and a connection, after removing
+/// what dead earlier runs left behind.
+async fn qemu_test_setup() -> (tempfile::TempDir, LibvirtBackend) {
+    let dir = tempfile::Builder::new()
+        .prefix("vmhost-test-qemu-")
+        .tempdir()
+        .expect("tempdir");
+    // Tempdirs are 0700.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let backend = LibvirtBackend::connect(URI)
+        .await
+        .expect("connect to qemu:///system");
+    remove_leftovers(&backend).await;
+    (dir, backend)
+}
+
 fn test_image_available() -> bool {
     let image = Path::new(TEST_IMAGE);
     if image.join("vmlinuz").exists() && image.join("initrd.img").exists() {
@@ -355,15 +362,7 @@ async fn real_qemu_vnc_display_and_serial_console() {
     }
     common::init_tracing();
     let t0 = Instant::now();
-    let dir = tempfile::Builder::new()
-        .prefix("vmhost-test-qemu-")
-        .tempdir()
-        .expect("tempdir");
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let backend = LibvirtBackend::connect(URI)
-        .await
-        .expect("connect to qemu:///system");
-    remove_leftovers(&backend).await;
+    let (dir, backend) = qemu_test_setup().await;
 
     let (kernel, initrd) = (dir.path().join("vmlinuz"), dir.path().join("initrd.img"));
     std::fs::copy(Path::new(TEST_IMAGE).join("vmlinuz"), &kernel).expect("copy kernel");
@@ -686,14 +685,8 @@ async fn real_domain_nics_get_the_tap_names_vmhost_chose() {
     }
     common::init_tracing();
     let t0 = Instant::now();
-    let dir = tempfile::Builder::new()
-        .prefix("vmhost-test-qemu-")
-        .tempdir()
-        .expect("tempdir");
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let backend = LibvirtBackend::connect(URI).await.expect("connect");
+    let (dir, backend) = qemu_test_setup().await;
     let raw = virt::connect::Connect::open(Some(URI)).expect("raw connect");
-    remove_leftovers(&backend).await;
     net::remove_leftovers(&raw);
 
     let (kernel, initrd) = (dir.path().join("vmlinuz"), dir.path().join("initrd.img"));
