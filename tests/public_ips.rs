@@ -69,6 +69,18 @@ async fn retrieve_ip(d: &TestDaemon, id: &str) -> Value {
     body
 }
 
+/// Calls `/api/jobs/<call>` for `job`, then waits until it is in `state`.
+async fn job_call(d: &TestDaemon, call: &str, job: &str, state: &str) {
+    let (status, body) = d
+        .post(
+            &format!("/api/jobs/{call}"),
+            json!({"items": [{"id": job}]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{call}: {body}");
+    d.wait_state(job, state, 10).await;
+}
+
 fn job_with(resources: Value) -> Value {
     let mut spec = vm_spec();
     spec["resources"] = resources;
@@ -369,20 +381,12 @@ async fn a_bound_address_gets_a_guarded_nic_and_is_released_at_terminate() {
     );
 
     // Suspend keeps the binding; terminate releases it and removes the rules.
-    let (status, _) = d
-        .post("/api/jobs/suspend", json!({"items": [{"id": job}]}))
-        .await;
-    assert_eq!(status, 200);
-    d.wait_state(&job, "SUSPENDED", 10).await;
+    job_call(&d, "suspend", &job, "SUSPENDED").await;
     assert_eq!(
         retrieve_ip(&d, &ip_id).await["status"]["boundTo"],
         json!([job])
     );
-    let (status, _) = d
-        .post("/api/jobs/terminate", json!({"items": [{"id": job}]}))
-        .await;
-    assert_eq!(status, 200);
-    d.wait_state(&job, "SUCCESS", 10).await;
+    job_call(&d, "terminate", &job, "SUCCESS").await;
     assert_eq!(
         retrieve_ip(&d, &ip_id).await["status"]["boundTo"],
         json!([])
@@ -447,11 +451,7 @@ async fn peers_resolve_by_hostname_and_must_be_the_owners_running_jobs() {
         )
         .await;
     assert_eq!(status, 400, "{body}");
-    let (status, _) = d
-        .post("/api/jobs/suspend", json!({"items": [{"id": first}]}))
-        .await;
-    assert_eq!(status, 200);
-    d.wait_state(&first, "SUSPENDED", 10).await;
+    job_call(&d, "suspend", &first, "SUSPENDED").await;
     let (status, body) = d
         .post(
             "/api/jobs",
@@ -492,23 +492,11 @@ async fn private_addresses_are_distinct_stable_and_leased_by_dhcp() {
         );
     }
     // Suspend and unsuspend: the same NIC comes back.
-    let (status, _) = d
-        .post("/api/jobs/suspend", json!({"items": [{"id": job}]}))
-        .await;
-    assert_eq!(status, 200);
-    d.wait_state(&job, "SUSPENDED", 10).await;
-    let (status, _) = d
-        .post("/api/jobs/unsuspend", json!({"items": [{"id": job}]}))
-        .await;
-    assert_eq!(status, 200);
-    d.wait_state(&job, "RUNNING", 10).await;
+    job_call(&d, "suspend", &job, "SUSPENDED").await;
+    job_call(&d, "unsuspend", &job, "RUNNING").await;
     assert_eq!(domain(&d, &job, 0).spec.nics[0].mac, macs[0]);
     // Terminate gives the leases back.
-    let (status, _) = d
-        .post("/api/jobs/terminate", json!({"items": [{"id": job}]}))
-        .await;
-    assert_eq!(status, 200);
-    d.wait_state(&job, "SUCCESS", 10).await;
+    job_call(&d, "terminate", &job, "SUCCESS").await;
     let leases = d.fake.dhcp_hosts("vmhost");
     assert!(leases.iter().all(|l| !macs.contains(&l.mac)), "{leases:?}");
 }
