@@ -210,10 +210,7 @@ impl Inner {
         name: &str,
         f: impl FnOnce(&Connect) -> Result<R, VirtError> + Send + 'static,
     ) -> Result<R, BackendError> {
-        let link = self.link().await?;
-        let name = name.to_owned();
-        self.blocking(move || f(&link.conn).map_err(|e| map_error(op, name, &link, e)))
-            .await
+        self.call_mapped(op, name, map_error, f).await
     }
 
     /// Runs one libvirt operation `op` on network `name` and maps its error.
@@ -223,9 +220,19 @@ impl Inner {
         name: &str,
         f: impl FnOnce(&Connect) -> Result<R, VirtError> + Send + 'static,
     ) -> Result<R, BackendError> {
+        self.call_mapped(op, name, map_network_error, f).await
+    }
+
+    async fn call_mapped<R: Send + 'static>(
+        &self,
+        op: &'static str,
+        name: &str,
+        map: fn(&'static str, String, &Link, VirtError) -> BackendError,
+        f: impl FnOnce(&Connect) -> Result<R, VirtError> + Send + 'static,
+    ) -> Result<R, BackendError> {
         let link = self.link().await?;
         let name = name.to_owned();
-        self.blocking(move || f(&link.conn).map_err(|e| map_network_error(op, name, &link, e)))
+        self.blocking(move || f(&link.conn).map_err(|e| map(op, name, &link, e)))
             .await
     }
 
