@@ -16,6 +16,8 @@
 //!   `copy_bidirectional` between the client and the upstream, no WebSocket, reads as large
 //!   as vmhost's largest frame, on a single-threaded runtime in its own process. It is what
 //!   any proxy in its own process costs at the least: the bound for vmhost's figures.
+//!   `VNC_PROXY_BENCH_SPLICE` serves the same relay with upstream → client moved by splice(2)
+//!   through a pipe, never copied through user space: what a zero-copy pump could reach.
 //! - **websockify**: `python3 -m websockify` (it forks a process per connection), a child of
 //!   the bench, killed at the end.
 //! - **Client**: a minimal WebSocket client ([`WsClient`]), the same for vmhost and websockify,
@@ -24,11 +26,13 @@
 //!   128 KiB and copied every payload per message, CPU that competed with the proxies on 2
 //!   cores.
 //!
-//! Measured: (a) throughput upstream → client of `BENCH_MIB` MiB (default 256), median of 3
-//! interleaved runs, with CPU seconds per GiB of everything and of the proxy alone; (b) the
-//! same read straight from the upstream socket and through the TCP relay; (c) `BENCH_ROUNDS` (default 1000) round trips
-//! of 64 bytes after 100 warm-up rounds (direct, relay, proxies), median and p99, with the
-//! proxy's CPU per round trip;
+//! Measured: (a) throughput upstream → client of `BENCH_MIB` MiB (default 512), in
+//! `BENCH_RUNS` (default 5) runs with the paths taking turns, with CPU seconds per GiB of
+//! everything and of the proxy alone; (b) the same read straight from the upstream socket and
+//! through the TCP relay; the throughput targets are judged on the median of the per-run
+//! ratios, each taken between transfers that ran back to back; (c) `BENCH_ROUNDS` (default
+//! 2000) round trips of 64 bytes per path after 100 warm-up rounds (direct, relay, proxies), in
+//! blocks with the paths taking turns, median and p99, with the proxy's CPU per round trip;
 //! (d) `BENCH_SESSIONS` (default 500) concurrent sessions through vmhost, each echoing a few
 //! messages and then holding its session open until all are up; memory of the bench process
 //! (clients and upstream; RSS) and of the proxy (PSS) before, at the peak and after. The same
@@ -58,12 +62,15 @@ const READ_BYTES: usize = 256 * 1024;
 const SESSION_READ_BYTES: usize = 4 * 1024;
 const ECHO_BYTES: usize = 64;
 const WARMUP_ROUNDS: usize = 100;
+/// Round trips are timed in this many blocks per path, the paths taking turns.
+const LATENCY_BLOCKS: usize = 10;
 const ECHOES_PER_SESSION: usize = 5;
-const RUNS: usize = 3;
 /// Set in the environment of the re-executed bench binary that serves vmhost's proxy.
 const SERVE_ENV: &str = "VNC_PROXY_BENCH_SERVE";
 /// Set in the environment of the re-executed bench binary that serves the plain TCP relay.
 const RELAY_ENV: &str = "VNC_PROXY_BENCH_RELAY";
+/// Set in the environment of the re-executed bench binary that serves the splice relay.
+const SPLICE_ENV: &str = "VNC_PROXY_BENCH_SPLICE";
 
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -147,38 +154,95 @@ async fn serve(listener: TcpListener, app: Router) {
     let _ = axum::serve(listener, app).await;
 }
 
-/// A child process: serves vmhost's proxy, or the plain TCP relay, on a single-threaded
-/// runtime; prints its port.
-fn serve_child(upstream: &str, relay: bool) -> anyhow::Result<()> {
+/// What a re-executed bench binary serves.
+#[derive(Clone, Copy)]
+enum Served {
+    Vmhost,
+    Relay,
+    SpliceRelay,
+}
+
+/// A child process: serves vmhost's proxy or a relay on a single-threaded runtime; prints its
+/// port.
+fn serve_child(upstream: &str, served: Served) -> anyhow::Result<()> {
     let upstream: SocketAddr = upstream.parse()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        // vmhost's own listener (deep backlog) for every proxy, so that a storm of connects
+        // meets the same accept queue whichever proxy it goes to.
+        let listener = vmhost::server::bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
         println!("{}", listener.local_addr()?.port());
-        if relay {
-            tcp_relay(listener, upstream).await;
-        } else {
-            serve(listener, vmhost_app(upstream)).await;
+        match served {
+            Served::Vmhost => serve(listener, vmhost_app(upstream)).await,
+            Served::Relay | Served::SpliceRelay => relay(listener, upstream, served).await,
         }
         anyhow::Ok(())
     })
 }
 
-/// The least any proxy in its own process can do: copy bytes both ways, no WebSocket, with
-/// reads as large as vmhost's largest frame. Its figures bound what framing can reach.
-async fn tcp_relay(listener: TcpListener, upstream: SocketAddr) {
+/// The least any proxy in its own process can do: move bytes both ways, no WebSocket, with
+/// reads as large as vmhost's largest frame. Its figures bound what framing can reach. The
+/// plain relay copies (`copy_bidirectional`); the splice relay moves upstream → client without
+/// a copy through user space.
+async fn relay(listener: TcpListener, upstream: SocketAddr, served: Served) {
     let frame = proxy_config().max_frame_bytes;
     while let Ok((mut client, _)) = listener.accept().await {
         tokio::spawn(async move {
             let mut tcp = TcpStream::connect(upstream).await?;
             client.set_nodelay(true)?;
             tcp.set_nodelay(true)?;
+            if matches!(served, Served::SpliceRelay) {
+                return splice_relay(client, tcp, frame).await;
+            }
             tokio::io::copy_bidirectional_with_sizes(&mut client, &mut tcp, frame, frame).await?;
             std::io::Result::Ok(())
         });
     }
+}
+
+/// Client → upstream by copy (it is small); upstream → client through a pipe with splice(2),
+/// up to `frame` bytes per splice, as a zero-copy WebSocket pump would move payloads.
+async fn splice_relay(
+    mut client: TcpStream,
+    mut upstream: TcpStream,
+    frame: usize,
+) -> std::io::Result<()> {
+    use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
+    use tokio::io::Interest;
+
+    let (pipe_out, pipe_in) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+    fcntl(
+        std::os::fd::AsRawFd::as_raw_fd(&pipe_in),
+        FcntlArg::F_SETPIPE_SZ(i32::try_from(frame).unwrap_or(i32::MAX)),
+    )?;
+    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    let (mut from_client, to_client) = client.split();
+    let (from_upstream, mut to_upstream) = upstream.split();
+    let (from_upstream, to_client) = (from_upstream.as_ref(), to_client.as_ref());
+    let up = tokio::io::copy(&mut from_client, &mut to_upstream);
+    let down = async {
+        loop {
+            let n = from_upstream
+                .async_io(Interest::READABLE, || {
+                    Ok(splice(from_upstream, None, &pipe_in, None, frame, flags)?)
+                })
+                .await?;
+            if n == 0 {
+                return Ok(());
+            }
+            let mut left = n;
+            while left > 0 {
+                left -= to_client
+                    .async_io(Interest::WRITABLE, || {
+                        Ok(splice(&pipe_out, None, to_client, None, left, flags)?)
+                    })
+                    .await?;
+            }
+        }
+    };
+    tokio::try_join!(up, down).map(|_| ())
 }
 
 struct Child {
@@ -208,7 +272,7 @@ async fn start_child(env: &str, upstream: SocketAddr) -> anyhow::Result<Child> {
 }
 
 async fn start_vmhost_in_process(upstream: SocketAddr) -> anyhow::Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let listener = vmhost::server::bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
     let addr = listener.local_addr()?;
     tokio::spawn(serve(listener, vmhost_app(upstream)));
     Ok(addr)
@@ -532,53 +596,113 @@ async fn ws_echo(ws: &mut WsClient, payload: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Round-trip times through the WebSocket proxy at `addr` in microseconds, sorted, and the
-/// CPU time per round trip (µs) of the proxy process `pid`, if given.
-async fn ws_latency(
-    addr: SocketAddr,
-    rounds: usize,
-    pid: Option<u32>,
-) -> anyhow::Result<(Vec<f64>, Option<f64>)> {
-    let mut ws = WsClient::connect(addr, READ_BYTES).await?;
-    ws.send(OP_BINARY, b"E").await?;
-    let payload: Vec<u8> = (0..ECHO_BYTES as u8).collect();
-    for _ in 0..WARMUP_ROUNDS {
-        ws_echo(&mut ws, &payload).await?;
-    }
-    let cpu0 = pid.map(cpu_seconds);
-    let mut samples = Vec::with_capacity(rounds);
-    for _ in 0..rounds {
-        let t0 = Instant::now();
-        ws_echo(&mut ws, &payload).await?;
-        samples.push(t0.elapsed().as_secs_f64() * 1e6);
-    }
-    let cpu = pid
-        .map(cpu_seconds)
-        .zip(cpu0)
-        .map(|(b, a)| (b - a) / rounds as f64 * 1e6);
-    ws.close().await;
-    samples.sort_by(f64::total_cmp);
-    Ok((samples, cpu))
+/// One open echo connection of a round-trip path.
+enum Echo {
+    Direct(TcpStream),
+    Ws(WsClient),
 }
 
-async fn direct_latency(addr: SocketAddr, rounds: usize) -> anyhow::Result<Vec<f64>> {
-    let mut tcp = TcpStream::connect(addr).await?;
-    tcp.set_nodelay(true)?;
-    tcp.write_all(b"E").await?;
-    let payload: Vec<u8> = (0..ECHO_BYTES as u8).collect();
-    let mut back = vec![0u8; ECHO_BYTES];
-    let mut samples = Vec::with_capacity(rounds);
-    for i in 0..WARMUP_ROUNDS + rounds {
-        let t0 = Instant::now();
-        tcp.write_all(&payload).await?;
-        tcp.read_exact(&mut back).await?;
-        ensure!(back == payload, "echo differs");
-        if i >= WARMUP_ROUNDS {
-            samples.push(t0.elapsed().as_secs_f64() * 1e6);
+impl Echo {
+    /// Opens an echo session through `addr` (a WebSocket proxy when `ws`) and warms it up.
+    async fn open(addr: SocketAddr, ws: bool) -> anyhow::Result<Echo> {
+        let mut echo = if ws {
+            let mut ws = WsClient::connect(addr, READ_BYTES).await?;
+            ws.send(OP_BINARY, b"E").await?;
+            Echo::Ws(ws)
+        } else {
+            let mut tcp = TcpStream::connect(addr).await?;
+            tcp.set_nodelay(true)?;
+            tcp.write_all(b"E").await?;
+            Echo::Direct(tcp)
+        };
+        let payload = echo_payload();
+        for _ in 0..WARMUP_ROUNDS {
+            echo.round(&payload).await?;
+        }
+        Ok(echo)
+    }
+
+    async fn round(&mut self, payload: &[u8]) -> anyhow::Result<()> {
+        match self {
+            Echo::Ws(ws) => ws_echo(ws, payload).await,
+            Echo::Direct(tcp) => {
+                tcp.write_all(payload).await?;
+                let mut back = vec![0u8; payload.len()];
+                tcp.read_exact(&mut back).await?;
+                ensure!(back == payload, "echo differs");
+                Ok(())
+            }
         }
     }
-    samples.sort_by(f64::total_cmp);
-    Ok(samples)
+
+    async fn close(self) {
+        if let Echo::Ws(ws) = self {
+            ws.close().await;
+        }
+    }
+}
+
+fn echo_payload() -> Vec<u8> {
+    (0..ECHO_BYTES as u8).collect()
+}
+
+/// A round-trip path: its echo session, the proxy process whose CPU is counted (if any), the
+/// samples (µs) and that CPU time (s) so far.
+struct LatencyPath {
+    echo: Echo,
+    pid: Option<u32>,
+    samples: Vec<f64>,
+    cpu: f64,
+}
+
+impl LatencyPath {
+    async fn open(addr: SocketAddr, ws: bool, pid: Option<u32>) -> anyhow::Result<LatencyPath> {
+        Ok(LatencyPath {
+            echo: Echo::open(addr, ws).await?,
+            pid,
+            samples: Vec::new(),
+            cpu: 0.0,
+        })
+    }
+
+    /// Times `rounds` round trips and adds them to the samples.
+    async fn block(&mut self, rounds: usize) -> anyhow::Result<()> {
+        let payload = echo_payload();
+        let cpu0 = self.pid.map(cpu_seconds);
+        for _ in 0..rounds {
+            let t0 = Instant::now();
+            self.echo.round(&payload).await?;
+            self.samples.push(t0.elapsed().as_secs_f64() * 1e6);
+        }
+        if let (Some(pid), Some(cpu0)) = (self.pid, cpu0) {
+            self.cpu += cpu_seconds(pid) - cpu0;
+        }
+        Ok(())
+    }
+
+    /// Sorted samples (µs) and the proxy's CPU µs per round trip.
+    async fn finish(mut self) -> (Vec<f64>, Option<f64>) {
+        self.echo.close().await;
+        self.samples.sort_by(f64::total_cmp);
+        let cpu = self.pid.map(|_| self.cpu / self.samples.len() as f64 * 1e6);
+        (self.samples, cpu)
+    }
+}
+
+/// Round trips on every path, in `blocks` interleaved blocks (direct, relay, vmhost, ... then
+/// again), so that drift in the machine's load hits every path alike.
+async fn round_trips(
+    paths: &mut [LatencyPath],
+    rounds: usize,
+    blocks: usize,
+) -> anyhow::Result<()> {
+    let per_block = rounds.div_ceil(blocks);
+    for _ in 0..blocks {
+        for path in paths.iter_mut() {
+            path.block(per_block).await?;
+        }
+    }
+    Ok(())
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -630,6 +754,36 @@ fn summarize(runs: &[Throughput]) -> (f64, f64, Option<f64>) {
         median(runs.iter().map(|r| r.cpu_all).collect()),
         proxy,
     )
+}
+
+/// Throughput of one path over another's, run by run: the runs were interleaved, so each pair
+/// saw the same machine.
+struct Paired {
+    ratios: Vec<f64>,
+}
+
+impl Paired {
+    fn new(a: &[Throughput], b: &[Throughput]) -> Paired {
+        Paired {
+            ratios: a.iter().zip(b).map(|(a, b)| a.rate / b.rate).collect(),
+        }
+    }
+
+    fn median(&self) -> f64 {
+        median(self.ratios.clone())
+    }
+
+    /// "1.23× (1.10-1.40) by run", and with a target ", reached in 3 of 5 runs".
+    fn describe(&self, target: Option<f64>) -> String {
+        let lo = self.ratios.iter().copied().fold(f64::MAX, f64::min);
+        let hi = self.ratios.iter().copied().fold(f64::MIN, f64::max);
+        let mut text = format!("{:.2}× ({lo:.2}-{hi:.2}) by run", self.median());
+        if let Some(target) = target {
+            let reached = self.ratios.iter().filter(|&&r| r >= target).count();
+            text += &format!(", reached in {reached} of {} runs", self.ratios.len());
+        }
+        text
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -724,11 +878,14 @@ fn verdict(ok: bool) -> &'static str {
 }
 
 fn main() -> anyhow::Result<()> {
-    if let Ok(upstream) = std::env::var(SERVE_ENV) {
-        return serve_child(&upstream, false);
-    }
-    if let Ok(upstream) = std::env::var(RELAY_ENV) {
-        return serve_child(&upstream, true);
+    for (env, served) in [
+        (SERVE_ENV, Served::Vmhost),
+        (RELAY_ENV, Served::Relay),
+        (SPLICE_ENV, Served::SpliceRelay),
+    ] {
+        if let Ok(upstream) = std::env::var(env) {
+            return serve_child(&upstream, served);
+        }
     }
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -738,28 +895,38 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn bench() -> anyhow::Result<()> {
-    let mib = env_or("BENCH_MIB", 256) as u64;
+    let mib = env_or("BENCH_MIB", 512) as u64;
     let bytes = mib << 20;
-    let rounds = env_or("BENCH_ROUNDS", 1000);
+    let runs = env_or("BENCH_RUNS", 5).max(1);
+    let rounds = env_or("BENCH_ROUNDS", 2000);
     let sessions = env_or("BENCH_SESSIONS", 500);
     let wsfy_sessions = env_or("BENCH_WSFY_SESSIONS", 50);
 
-    let upstream_listener = TcpListener::bind("127.0.0.1:0").await?;
+    let upstream_listener = vmhost::server::bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
     let upstream = upstream_listener.local_addr()?;
     tokio::spawn(upstream_server(upstream_listener));
     let mut vmhost = start_child(SERVE_ENV, upstream).await?;
     let mut relay = start_child(RELAY_ENV, upstream).await?;
+    let mut splice = start_child(SPLICE_ENV, upstream).await?;
     let in_process = start_vmhost_in_process(upstream).await?;
     let mut websockify = start_websockify(upstream).await?;
     let wsfy = websockify.as_ref().map(|w| (w.addr, w.pid));
 
     // (a), (b): throughput, runs interleaved so that drift hits every path alike.
-    let (mut t_direct, mut t_relay, mut t_vmhost, mut t_in_process, mut t_wsfy) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..RUNS {
+    let (mut t_direct, mut t_relay, mut t_splice, mut t_vmhost, mut t_in_process, mut t_wsfy) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
+    for _ in 0..runs {
         t_direct.push(measured(bytes, None, direct_throughput(upstream, bytes)).await?);
         let run = direct_throughput(relay.addr, bytes);
         t_relay.push(measured(bytes, Some(relay.pid), run).await?);
+        let run = direct_throughput(splice.addr, bytes);
+        t_splice.push(measured(bytes, Some(splice.pid), run).await?);
         let run = ws_throughput(vmhost.addr, bytes);
         t_vmhost.push(measured(bytes, Some(vmhost.pid), run).await?);
         t_in_process.push(measured(bytes, None, ws_throughput(in_process, bytes)).await?);
@@ -768,16 +935,31 @@ async fn bench() -> anyhow::Result<()> {
         }
     }
     // (c): round trips.
-    let l_direct = direct_latency(upstream, rounds).await?;
-    let l_relay = direct_latency(relay.addr, rounds).await?;
-    let (l_vmhost, c_vmhost) = ws_latency(vmhost.addr, rounds, Some(vmhost.pid)).await?;
-    let (l_in_process, _) = ws_latency(in_process, rounds, None).await?;
-    let (l_wsfy, c_wsfy) = match wsfy {
-        Some((addr, pid)) => {
-            let (l, c) = ws_latency(addr, rounds, Some(pid)).await?;
-            (Some(l), c)
-        }
-        None => (None, None),
+    let mut paths = vec![
+        LatencyPath::open(upstream, false, None).await?,
+        LatencyPath::open(relay.addr, false, None).await?,
+        LatencyPath::open(splice.addr, false, None).await?,
+        LatencyPath::open(vmhost.addr, true, Some(vmhost.pid)).await?,
+        LatencyPath::open(in_process, true, None).await?,
+    ];
+    if let Some((addr, pid)) = wsfy {
+        paths.push(LatencyPath::open(addr, true, Some(pid)).await?);
+    }
+    round_trips(&mut paths, rounds, LATENCY_BLOCKS).await?;
+    let mut finished = Vec::new();
+    for path in paths {
+        finished.push(path.finish().await);
+    }
+    let mut finished = finished.into_iter();
+    let mut next = || finished.next().unwrap_or_default();
+    let (l_direct, _) = next();
+    let (l_relay, _) = next();
+    let (l_splice, _) = next();
+    let (l_vmhost, c_vmhost) = next();
+    let (l_in_process, _) = next();
+    let (l_wsfy, c_wsfy) = match next() {
+        (samples, cpu) if !samples.is_empty() => (Some(samples), cpu),
+        _ => (None, None),
     };
     // (d): concurrent sessions.
     let s_vmhost = concurrent_sessions(vmhost.addr, vmhost.pid, sessions).await?;
@@ -787,13 +969,14 @@ async fn bench() -> anyhow::Result<()> {
     };
     vmhost.child.kill().await?;
     relay.child.kill().await?;
+    splice.child.kill().await?;
     if let Some(w) = &mut websockify {
         w.child.kill().await?;
     }
 
     println!(
         "console proxy on 127.0.0.1: {mib} MiB upstream → client in 64 KiB writes, \
-         {} KiB reads, vmhost's frames up to {} KiB, median of {RUNS} interleaved runs",
+         {} KiB reads, vmhost's frames up to {} KiB, median of {runs} interleaved runs",
         READ_BYTES >> 10,
         proxy_config().max_frame_bytes >> 10
     );
@@ -805,15 +988,20 @@ async fn bench() -> anyhow::Result<()> {
         let (rate, all, proxy) = summarize(runs);
         let proxy = proxy.map_or("-".to_owned(), |p| format!("{p:.2}"));
         println!("{name:<34} {rate:>8.0} {all:>16.2} {proxy:>18}");
-        rate
     };
-    let direct_rate = t_row("direct TCP", &t_direct);
-    let relay_rate = t_row("TCP relay, own process", &t_relay);
-    let vmhost_rate = t_row("vmhost, own process", &t_vmhost);
+    t_row("direct TCP", &t_direct);
+    t_row("TCP relay, own process", &t_relay);
+    t_row("TCP relay, splice, own process", &t_splice);
+    t_row("vmhost, own process", &t_vmhost);
     t_row("vmhost, in the bench's runtime", &t_in_process);
-    let wsfy_rate = (!t_wsfy.is_empty()).then(|| t_row("websockify 0.13, own process", &t_wsfy));
+    if !t_wsfy.is_empty() {
+        t_row("websockify 0.13, own process", &t_wsfy);
+    }
     println!();
-    println!("round trip, {ECHO_BYTES}-byte echo, {rounds} rounds after {WARMUP_ROUNDS} warm-up");
+    println!(
+        "round trip, {ECHO_BYTES}-byte echo, {rounds} rounds after {WARMUP_ROUNDS} warm-up, \
+         in {LATENCY_BLOCKS} blocks per path, the paths taking turns"
+    );
     println!(
         "{:<34} {:>10} {:>10} {:>20}",
         "path", "median µs", "p99 µs", "proxy CPU µs/round"
@@ -828,6 +1016,7 @@ async fn bench() -> anyhow::Result<()> {
     };
     row("direct TCP", &l_direct, None);
     row("TCP relay, own process", &l_relay, None);
+    row("TCP relay, splice, own process", &l_splice, None);
     row("vmhost, own process", &l_vmhost, c_vmhost);
     row("vmhost, in the bench's runtime", &l_in_process, None);
     if let Some(l) = &l_wsfy {
@@ -859,21 +1048,35 @@ async fn bench() -> anyhow::Result<()> {
     }
     println!();
     println!(
-        "vmhost / TCP relay (the least a proxy in its own process costs): throughput {:.2}×, \
+        "vmhost / TCP relay (the least a proxy in its own process costs): throughput {}, \
          round trip median {:.2}×",
-        vmhost_rate / relay_rate,
+        Paired::new(&t_vmhost, &t_relay).describe(None),
         percentile(&l_vmhost, 0.5) / percentile(&l_relay, 0.5)
     );
-    let direct_ratio = vmhost_rate / direct_rate;
     println!(
-        "target ≥ 0.8× direct throughput: {direct_ratio:.2}× — {}",
-        verdict(direct_ratio >= 0.8)
+        "splice relay / TCP relay (what zero-copy changes): throughput {}, round trip median \
+         {:.2}×",
+        Paired::new(&t_splice, &t_relay).describe(None),
+        percentile(&l_splice, 0.5) / percentile(&l_relay, 0.5)
     );
-    if let (Some(wsfy_rate), Some(l_wsfy)) = (wsfy_rate, &l_wsfy) {
-        let ratio = vmhost_rate / wsfy_rate;
+    let to_direct = Paired::new(&t_vmhost, &t_direct);
+    println!(
+        "target ≥ 0.8× direct throughput: {} — {}",
+        to_direct.describe(Some(0.8)),
+        verdict(to_direct.median() >= 0.8)
+    );
+    if let Some(l_wsfy) = &l_wsfy {
+        let to_wsfy = Paired::new(&t_vmhost, &t_wsfy);
         println!(
-            "target ≥ 2× websockify's throughput: {ratio:.2}× — {}",
-            verdict(ratio >= 2.0)
+            "target ≥ 2× websockify's throughput: {} — {}",
+            to_wsfy.describe(Some(2.0)),
+            verdict(to_wsfy.median() >= 2.0)
+        );
+        let wsfy_to_direct = Paired::new(&t_wsfy, &t_direct).median();
+        println!(
+            "  (websockify moved {wsfy_to_direct:.2}× direct's throughput by run: 2× websockify \
+             is {:.2}× direct)",
+            2.0 * wsfy_to_direct
         );
         let median_ratio = percentile(&l_vmhost, 0.5) / percentile(l_wsfy, 0.5);
         let p99_ratio = percentile(&l_vmhost, 0.99) / percentile(l_wsfy, 0.99);

@@ -121,8 +121,7 @@ pub async fn build_with(
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let listen = config.listen;
     let daemon = build(config).await?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
+    let listener = bind(listen)
         .with_context(|| format!("binding {listen}"))?
         // Console keystrokes and small screen updates must not wait for Nagle's algorithm.
         .tap_io(|tcp| {
@@ -136,6 +135,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .await?;
     tracing::info!("vmhost stopped; virtual machines keep running");
     Ok(())
+}
+
+/// Connections the kernel may hold for vmhost before it accepts them; Linux caps it at
+/// `net.core.somaxconn` (4096 by default).
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// The API's listening socket. Its backlog is deep because consoles come in storms: every
+/// open browser tab reconnects at once when vmhost restarts, and with the usual backlog of 128
+/// the kernel drops the SYNs past it, which those clients only retry a second later.
+pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = match addr {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 async fn shutdown_signal() {
@@ -177,4 +193,29 @@ fn default_user(data_dir: &Path) -> anyhow::Result<UserConfig> {
         name: "user".to_owned(),
         token,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Connections past a backlog of 128 would have their SYNs dropped and retried a second
+    /// later; with vmhost's backlog a storm of 300 is queued at once, before any accept.
+    #[tokio::test]
+    async fn a_connect_storm_is_queued_before_vmhost_accepts() {
+        let listener = bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind");
+        let addr = listener.local_addr().expect("its address");
+        let connects = (0..300).map(|_| {
+            tokio::time::timeout(
+                Duration::from_millis(500),
+                tokio::net::TcpStream::connect(addr),
+            )
+        });
+        let results = futures::future::join_all(connects).await;
+        let queued = results.iter().filter(|r| matches!(r, Ok(Ok(_)))).count();
+        assert_eq!(queued, 300, "connections held in the accept queue");
+        drop(listener);
+    }
 }
