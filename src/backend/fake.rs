@@ -19,7 +19,8 @@
 //! ([`FakeBackend::simulate_network_stop`] makes one, as a host restart does), and fixed
 //! leases are keyed by MAC, refused when another MAC holds the address or hostname, and an
 //! unknown network is [`BackendError::NoSuchNetwork`]. A domain's NICs are in its
-//! [`FakeDomain::spec`] (see [`FakeBackend::snapshot`]).
+//! [`FakeDomain::spec`] (see [`FakeBackend::snapshot`]); a domain with a NIC on a network that
+//! is not running does not start, as libvirt refuses it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -31,8 +32,8 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    BackendError, ConsoleStream, DhcpHost, DomainInfo, DomainOwner, HostInfo, PowerState,
-    PrivateNetworkSpec, StopCause, VmBackend, VmEvent, VmFiles, VmSpec,
+    BackendError, ConsoleStream, DhcpHost, DomainInfo, DomainOwner, HostInfo, NicAttachment,
+    PowerState, PrivateNetworkSpec, StopCause, VmBackend, VmEvent, VmFiles, VmSpec,
 };
 
 #[derive(Debug, Clone)]
@@ -156,6 +157,11 @@ impl FakeBackend {
     /// Every domain with its spec (NICs included) and state.
     pub fn snapshot(&self) -> BTreeMap<String, FakeDomain> {
         self.domains().clone()
+    }
+
+    /// Whether `network` is defined and running.
+    fn network_is_active(&self, network: &str) -> bool {
+        self.nets().get(network).is_some_and(|n| n.active)
     }
 
     /// Every network by name.
@@ -344,6 +350,28 @@ impl VmBackend for FakeBackend {
                 op: "start",
                 name: name.to_owned(),
                 err: "injected start failure".into(),
+            });
+        }
+        let networks: Vec<String> = {
+            let domains = self.domains();
+            let d = domains.get(name).ok_or(BackendError::NoSuchDomain {
+                name: name.to_owned(),
+            })?;
+            d.spec
+                .nics
+                .iter()
+                .filter_map(|nic| match &nic.attachment {
+                    NicAttachment::Network(network) => Some(network.clone()),
+                    NicAttachment::Bridge(_) => None,
+                })
+                .collect()
+        };
+        if let Some(down) = networks.iter().find(|n| !self.network_is_active(n)) {
+            // As libvirt refuses: "Requested operation is not valid: network 'x' is not active".
+            return Err(BackendError::Hypervisor {
+                op: "start",
+                name: name.to_owned(),
+                err: format!("network '{down}' is not active").into(),
             });
         }
         let mut domains = self.domains();
@@ -873,6 +901,35 @@ mod tests {
         s.nics = vec![nic.clone()];
         fake.ensure_defined(&s).await.expect("define");
         assert_eq!(fake.snapshot()["vm"].spec.nics, [nic]);
+    }
+
+    #[tokio::test]
+    async fn fake_domain_on_a_stopped_network_does_not_start() {
+        use crate::backend::{NicAttachment, NicSpec};
+        let fake = FakeBackend::default();
+        let mut s = spec("vm");
+        s.nics = vec![NicSpec {
+            attachment: NicAttachment::Network("priv".to_owned()),
+            mac: "52:54:00:fa:00:10".to_owned(),
+            tap: "vh0123456789n0".to_owned(),
+        }];
+        fake.ensure_defined(&s).await.expect("define");
+        let never_defined = fake.start("vm").await.expect_err("no such network yet");
+        assert!(
+            never_defined.to_string().contains("start"),
+            "{never_defined}"
+        );
+        fake.ensure_network(&net_spec("priv", "vmhost0"))
+            .await
+            .expect("network");
+        fake.simulate_network_stop("priv");
+        fake.start("vm").await.expect_err("the network is stopped");
+        assert_eq!(fake.snapshot()["vm"].state, PowerState::ShutOff);
+        fake.ensure_network(&net_spec("priv", "vmhost0"))
+            .await
+            .expect("started again");
+        fake.start("vm").await.expect("the network runs");
+        assert_eq!(fake.snapshot()["vm"].state, PowerState::Running);
     }
 
     #[tokio::test]

@@ -44,7 +44,9 @@ pub fn tap_name(agent_id: &str, job_id: &str, rank: u32, index: u32) -> String {
     format!("vh{}n{index}", hex::encode(&digest[..5]))
 }
 
-/// The MAC of the NIC holding `address`.
+/// The MAC of the NIC holding `address`. It follows from the address alone, so an address that
+/// passes to another VM keeps its MAC: routers' ARP caches stay right without a gratuitous ARP,
+/// and a MAC seen on the uplink always maps to one address.
 pub fn mac_for(address: Ipv4Addr) -> String {
     let [a, b, c, d] = address.octets();
     format!("52:54:{a:02x}:{b:02x}:{c:02x}:{d:02x}")
