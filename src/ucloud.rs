@@ -1,5 +1,5 @@
-//! Small UCloud shapes shared by jobs and public IPs: who a request acts for, a product
-//! reference, and the API's timestamp unit.
+//! Small UCloud shapes shared by jobs, public IPs and consoles: who a request acts for, a
+//! product reference, the error body, and the API's timestamp unit.
 
 use serde::{Deserialize, Serialize};
 
@@ -20,4 +20,9 @@ pub struct ProductRef {
 pub fn now_millis() -> i64 {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
     now.map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// UCloud's error body: `{"why", "errorCode", "statusCode"}`.
+pub fn error_body(status: u16, error_code: &str, why: &str) -> serde_json::Value {
+    serde_json::json!({ "why": why, "errorCode": error_code, "statusCode": status })
 }

@@ -670,3 +670,140 @@ mod follow {
         }
     }
 }
+
+/// `"01"` names job 1 to SQLite but a second job to everything keyed by the name (runners,
+/// consoles, followers); only the canonical id is known.
+#[tokio::test]
+async fn ids_are_known_by_their_canonical_form_only() {
+    let (d, _dir) = daemon().await;
+    let id = d.create(vm_spec()).await;
+    d.wait_state(&id, "RUNNING", 10).await;
+    let (status, body) = d.get(&format!("/api/jobs/retrieve?id=0{id}")).await;
+    assert_eq!(status, 404, "{body}");
+    for alias in [format!("0{id}"), format!("+{id}"), format!("{id} ")] {
+        for call in ["terminate", "suspend"] {
+            let (status, body) = d
+                .post(
+                    &format!("/api/jobs/{call}"),
+                    json!({ "items": [{ "id": alias }] }),
+                )
+                .await;
+            assert_eq!(status, 404, "{call} {alias:?}: {body}");
+        }
+    }
+    let job = d.retrieve(&id).await;
+    assert_eq!(job["status"]["state"], "RUNNING");
+    assert_eq!(
+        statuses(&job).len(),
+        2,
+        "nothing happened to the job: {job:#}"
+    );
+}
+
+#[tokio::test]
+async fn an_extension_past_ten_years_is_refused_and_changes_nothing() {
+    let (d, _dir) = daemon().await;
+    let mut s = vm_spec();
+    s["timeAllocation"] = json!({ "hours": 1, "minutes": 0, "seconds": 0 });
+    let id = d.create(s).await;
+    let job = d.wait_state(&id, "RUNNING", 10).await;
+    let expires = job["status"]["expiresAt"].as_i64().unwrap();
+    let item = |hours: u64| json!({ "jobId": id, "requestedTime": { "hours": hours, "minutes": 0, "seconds": 0 } });
+    // Each item alone would overflow a deadline in milliseconds once summed in SQL.
+    let flood: Vec<Value> = (0..600).map(|_| item(4_294_967_295)).collect();
+    let (status, body) = d.post("/api/jobs/extend", json!({ "items": flood })).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["why"].as_str().unwrap().contains("may not exceed"),
+        "{body}"
+    );
+    // Two items that pass alone but not together.
+    let (status, body) = d
+        .post(
+            "/api/jobs/extend",
+            json!({ "items": [item(50_000), item(50_000)] }),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    let job = d.retrieve(&id).await;
+    assert_eq!(job["status"]["expiresAt"].as_i64().unwrap(), expires);
+    assert_eq!(
+        statuses(&job).len(),
+        2,
+        "no extension was recorded: {job:#}"
+    );
+    let (status, body) = d.get("/api/jobs/retrieveUtilization").await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = d
+        .post("/api/jobs/extend", json!({ "items": [item(50_000)] }))
+        .await;
+    assert_eq!(status, 200, "up to ten years is fine");
+}
+
+#[tokio::test]
+async fn identical_creates_at_once_admit_exactly_one() {
+    let (d, _dir) = daemon().await;
+    let mut s = vm_spec();
+    s["allowDuplicateJob"] = json!(false);
+    let request = json!({ "items": [s] });
+    let attempts = (0..8).map(|_| d.post("/api/jobs", request.clone()));
+    let statuses: Vec<u16> = futures::future::join_all(attempts)
+        .await
+        .into_iter()
+        .map(|(status, _)| status)
+        .collect();
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 200).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 409).count(),
+        7,
+        "{statuses:?}"
+    );
+    let (_, page) = d.get("/api/jobs/browse").await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 1, "{page:#}");
+}
+
+#[tokio::test]
+async fn empty_bulk_requests_are_refused() {
+    let (d, _dir) = daemon().await;
+    for path in [
+        "/api/jobs/terminate",
+        "/api/jobs/suspend",
+        "/api/jobs/unsuspend",
+        "/api/jobs/extend",
+        "/api/jobs/interactiveSession",
+    ] {
+        let (status, body) = d.post(path, json!({ "items": [] })).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert!(
+            body["why"].as_str().unwrap().contains("at least one"),
+            "{path}: {body}"
+        );
+    }
+}
+
+/// A wrong method, or a plain request to a WebSocket route, is refused in UCloud's format.
+#[tokio::test]
+async fn refusals_outside_the_handlers_speak_ucloud_errors() {
+    let (d, _dir) = daemon().await;
+    for (method, path, expected) in [
+        ("GET", "/api/jobs/terminate", 405),
+        ("PUT", "/api/jobs", 405),
+        ("DELETE", "/api/jobs/retrieve", 405),
+        ("GET", "/api/jobs", 400),
+        ("GET", "/ucloud/vmhost/vnc?token=x", 400),
+        ("GET", "/ucloud/vmhost/websocket?session=x", 400),
+    ] {
+        let (status, body) = d.call(method, path, TOKEN, None).await;
+        assert_eq!(status, expected, "{method} {path}: {body}");
+        assert_eq!(body["statusCode"], expected, "{method} {path}: {body}");
+        assert!(
+            body["why"].as_str().is_some_and(|w| !w.is_empty()),
+            "{body}"
+        );
+        assert!(body["errorCode"].is_string(), "{body}");
+    }
+}

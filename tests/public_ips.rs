@@ -572,3 +572,34 @@ async fn a_private_network_stopped_under_vmhost_is_started_again_for_the_next_vm
     d.wait_state(&job, "RUNNING", 10).await;
     assert!(d.fake.networks()["vmhost"].active);
 }
+
+/// One address in two items of a create, or under a second name, is the request's mistake: a
+/// 400 that names it, not a conflict with a job that never existed.
+#[tokio::test]
+async fn an_address_named_twice_in_one_create_is_a_bad_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = daemon(dir.path(), pool("203.0.113.0/24", "203.0.113.1", &[])).await;
+    let (ip_id, _) = create_ip(&d, &[]).await;
+    let network = json!([{ "type": "network", "id": ip_id }]);
+    let twice = json!({ "items": [job_with(network.clone()), job_with(network)] });
+    let (status, body) = d.post("/api/jobs", twice).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["why"]
+            .as_str()
+            .unwrap()
+            .contains("already attached to item 0"),
+        "{body}"
+    );
+    let alias = json!([{ "type": "network", "id": format!("0{ip_id}") }]);
+    let (status, body) = d
+        .post("/api/jobs", json!({ "items": [job_with(alias)] }))
+        .await;
+    assert_eq!(status, 400, "{body}");
+    let (_, page) = d.get("/api/jobs/browse").await;
+    assert_eq!(page["items"], json!([]), "no job was stored");
+    assert_eq!(
+        retrieve_ip(&d, &ip_id).await["status"]["boundTo"],
+        json!([])
+    );
+}

@@ -6,6 +6,7 @@
 //! happens *before* the WebSocket upgrade, so a refusal is a plain HTTP status with the UCloud
 //! error body and nothing reaches QEMU. A session closes with a reason when its VM stops.
 
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap};
@@ -134,8 +135,9 @@ pub(super) async fn console_shell(
     Path(provider): Path<String>,
     AppQuery(query): AppQuery<SessionQuery>,
     headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
+    let ws = ws?;
     let (grant, domain) = admit(
         &state,
         &provider,

@@ -3,6 +3,7 @@
 //! Every error leaves as `{"why": ..., "errorCode": ..., "statusCode": ...}`. 5xx responses
 //! carry a generic message; their full chain goes to the log only.
 
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -29,6 +30,10 @@ pub enum ApiError {
     Conflict(String),
     #[error("{0}")]
     NotSupported(String),
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    #[error("{0}")]
+    UpgradeRequired(String),
     #[error("{0}")]
     Busy(String),
     #[error("internal error")]
@@ -59,6 +64,8 @@ impl ApiError {
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "NOT_FOUND"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "CONFLICT"),
             ApiError::NotSupported(_) => (StatusCode::BAD_REQUEST, "NOT_SUPPORTED"),
+            ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED"),
+            ApiError::UpgradeRequired(_) => (StatusCode::UPGRADE_REQUIRED, "UPGRADE_REQUIRED"),
             ApiError::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "BUSY"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL_ERROR"),
         }
@@ -74,12 +81,10 @@ impl ApiError {
             }
             other => other.to_string(),
         };
-        let body = serde_json::json!({
-            "why": why,
-            "errorCode": code,
-            "statusCode": status.as_u16(),
-        });
-        (status, body)
+        (
+            status,
+            crate::ucloud::error_body(status.as_u16(), code, &why),
+        )
     }
 }
 
@@ -93,6 +98,8 @@ impl ApiError {
             ApiError::Gone(_) => ApiError::Gone(why),
             ApiError::Conflict(_) => ApiError::Conflict(why),
             ApiError::NotSupported(_) => ApiError::NotSupported(why),
+            ApiError::MethodNotAllowed(_) => ApiError::MethodNotAllowed(why),
+            ApiError::UpgradeRequired(_) => ApiError::UpgradeRequired(why),
             ApiError::Busy(_) => ApiError::Busy(why),
             ApiError::Unauthenticated | ApiError::Internal(_) => self,
         }
@@ -140,6 +147,17 @@ impl From<JobError> for ApiError {
                 }
             }
             JobError::Store(err) => ApiError::Internal(Box::new(err)),
+        }
+    }
+}
+
+impl From<WebSocketUpgradeRejection> for ApiError {
+    fn from(rejection: WebSocketUpgradeRejection) -> Self {
+        let why = rejection.body_text();
+        match rejection.status() {
+            StatusCode::METHOD_NOT_ALLOWED => ApiError::MethodNotAllowed(why),
+            StatusCode::UPGRADE_REQUIRED => ApiError::UpgradeRequired(why),
+            _ => ApiError::BadRequest(why),
         }
     }
 }

@@ -8,6 +8,7 @@
 
 use std::time::Duration;
 
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::response::Response;
@@ -34,8 +35,11 @@ struct Envelope {
     bearer: Option<String>,
 }
 
-pub(super) async fn jobs_follow(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {
-    ws.on_upgrade(move |socket| session(state, socket))
+pub(super) async fn jobs_follow(
+    State(state): State<AppState>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    Ok(ws?.on_upgrade(move |socket| session(state, socket)))
 }
 
 async fn session(state: AppState, mut socket: WebSocket) {

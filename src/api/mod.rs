@@ -125,6 +125,9 @@ pub fn router(state: AppState) -> Router {
             get(products::jobs_retrieve_utilization),
         )
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+        .method_not_allowed_fallback(|method: axum::http::Method| async move {
+            ApiError::MethodNotAllowed(format!("{method} is not allowed on this endpoint"))
+        })
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)

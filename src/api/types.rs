@@ -9,11 +9,28 @@ use crate::jobs::spec::{SimpleDuration, PARAM_DISK_SIZE, PARAM_SSH_KEYS, PARAM_U
 use crate::jobs::{JobRecord, JobSpec, JobState, JobUpdate};
 use crate::network::ip::{FirewallSpec, PublicIpRecord};
 
-/// `BulkRequest<T>`.
+/// `BulkRequest<T>`. An empty `items` is refused for every call alike: it can only be a
+/// client's mistake, and answering it with an empty success would hide that.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[serde(bound(deserialize = "T: Deserialize<'de>"))]
 pub struct BulkRequest<T> {
+    #[serde(deserialize_with = "non_empty")]
     pub items: Vec<T>,
+}
+
+fn non_empty<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    let items = Vec::<T>::deserialize(deserializer)?;
+    if items.is_empty() {
+        return Err(serde::de::Error::custom(
+            "items must hold at least one item",
+        ));
+    }
+    Ok(items)
 }
 
 /// `BulkResponse<T>`.

@@ -97,24 +97,27 @@ impl WsError {
     }
 }
 
+/// A refused upgrade, in UCloud's error format like every other refusal of the API.
 impl IntoResponse for WsError {
     fn into_response(self) -> Response {
-        let status = match self {
-            WsError::NotGet => StatusCode::METHOD_NOT_ALLOWED,
-            WsError::NotUpgradable => StatusCode::UPGRADE_REQUIRED,
-            WsError::BadVersion => {
-                // RFC 6455 4.4: a 400 naming the version the server speaks.
-                let mut response = (StatusCode::BAD_REQUEST, self.to_string()).into_response();
-                response.headers_mut().insert(
-                    header::SEC_WEBSOCKET_VERSION,
-                    HeaderValue::from_static("13"),
-                );
-                return response;
+        let (status, code) = match self {
+            WsError::NotGet => (StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED"),
+            WsError::NotUpgradable => (StatusCode::UPGRADE_REQUIRED, "UPGRADE_REQUIRED"),
+            WsError::BadVersion | WsError::BadUpgrade(_) => {
+                (StatusCode::BAD_REQUEST, "BAD_REQUEST")
             }
-            WsError::BadUpgrade(_) => StatusCode::BAD_REQUEST,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
+            _ => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL_ERROR"),
         };
-        (status, self.to_string()).into_response()
+        let body = crate::ucloud::error_body(status.as_u16(), code, &self.to_string());
+        let mut response = (status, axum::Json(body)).into_response();
+        if matches!(self, WsError::BadVersion) {
+            // RFC 6455 4.4: the refusal names the version the server speaks.
+            response.headers_mut().insert(
+                header::SEC_WEBSOCKET_VERSION,
+                HeaderValue::from_static("13"),
+            );
+        }
+        response
     }
 }
 

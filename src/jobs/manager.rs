@@ -54,6 +54,10 @@ struct RunnerHandle {
     task: tokio::task::AbortHandle,
 }
 
+/// The longest time allocation a job may reach through extensions: ten years. It keeps every
+/// deadline far from overflowing milliseconds since the epoch.
+pub const MAX_TIME_ALLOCATION_MS: i64 = 10 * 365 * 24 * 3_600_000;
+
 /// Runner queues are small: a runner that falls behind sheds load as `JobError::Busy`.
 const RUNNER_QUEUE: usize = 16;
 
@@ -226,23 +230,26 @@ impl JobManager {
                 });
             }
             let fingerprint = spec.fingerprint();
-            if !spec.allow_duplicate_job.unwrap_or(false) {
-                let in_request = new_jobs
+            let unique = !spec.allow_duplicate_job.unwrap_or(false);
+            // Against active jobs the store checks, in the transaction that inserts.
+            if unique
+                && new_jobs
                     .iter()
-                    .any(|j: &NewJob| j.fingerprint == fingerprint);
-                let query = JobQuery {
-                    owner: Some(owner.0.clone()),
-                    fingerprint: Some(fingerprint.clone()),
-                    active_only: true,
-                    limit: Some(1),
-                    ..JobQuery::default()
-                };
-                let existing = deps.store.jobs(query).await?;
-                if in_request || !existing.is_empty() {
-                    let existing = existing
-                        .first()
-                        .map_or("in this request".into(), |j| j.id.clone());
-                    return Err(JobError::Duplicate { index, existing });
+                    .any(|j: &NewJob| j.fingerprint == fingerprint)
+            {
+                return Err(JobError::Duplicate {
+                    index,
+                    existing: "in this request".into(),
+                });
+            }
+            for ip in &plan.public_ips {
+                if let Some(other) = new_jobs.iter().position(|j| j.public_ips.contains(ip)) {
+                    return Err(JobError::InvalidSpec {
+                        index,
+                        source: SpecError::Invalid(format!(
+                            "public IP {ip} is already attached to item {other}"
+                        )),
+                    });
                 }
             }
             let first_update = JobUpdate {
@@ -257,6 +264,7 @@ impl JobManager {
                 created_at,
                 first_update,
                 public_ips: plan.public_ips,
+                unique,
             });
         }
         let firsts: Vec<JobUpdate> = new_jobs.iter().map(|j| j.first_update.clone()).collect();
@@ -271,7 +279,7 @@ impl JobManager {
                 StoreError::PoolExhausted { pool } => JobError::Conflict(format!(
                     "no address is left in {pool}; wait for other jobs to end"
                 )),
-                other => JobError::Store(other),
+                other => JobError::from(other),
             })?;
         for (id, update) in ids.iter().zip(firsts) {
             tracing::info!(job_id = %id, owner = %owner.0, "job accepted");
@@ -407,24 +415,37 @@ impl JobManager {
         }
     }
 
-    /// Adds time to each job's deadline; all must have one and be active.
+    /// Adds time to each job's deadline; all must have one and be active, and no job's
+    /// allocation may pass [`MAX_TIME_ALLOCATION_MS`], counting every item of the request.
     pub async fn extend(
         &self,
         owner: &Owner,
         items: &[(String, SimpleDuration)],
     ) -> Result<(), JobError> {
         let mut jobs = Vec::with_capacity(items.len());
-        for (id, _) in items {
+        let mut allocations: HashMap<String, i64> = HashMap::new();
+        for (id, by) in items {
             let job = self.retrieve(owner, id).await?;
             if job.state.is_final() {
                 return Err(JobError::Denied {
-                    id: id.clone(),
+                    id: job.id,
                     denied: state::Denied::AlreadyFinal,
                 });
             }
-            if job.spec.time_allocation.is_none() {
-                return Err(JobError::NoDeadline { id: id.clone() });
-            }
+            let Some(allocated) = job.allocation_ms else {
+                return Err(JobError::NoDeadline { id: job.id });
+            };
+            let total = allocations.entry(job.id.clone()).or_insert(allocated);
+            *total = total
+                .checked_add(by.as_millis())
+                .filter(|&t| t <= MAX_TIME_ALLOCATION_MS)
+                .ok_or_else(|| {
+                    JobError::BadRequest(format!(
+                        "job {}: a time allocation may not exceed {} hours",
+                        job.id,
+                        MAX_TIME_ALLOCATION_MS / 3_600_000
+                    ))
+                })?;
             jobs.push(job);
         }
         for (job, (_, by)) in jobs.iter().zip(items) {

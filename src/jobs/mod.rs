@@ -83,7 +83,22 @@ pub enum JobError {
     #[error("{}", .errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
     Bulk { errors: Vec<JobError> },
     #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
+    Store(crate::store::StoreError),
+}
+
+impl From<crate::store::StoreError> for JobError {
+    /// The store decides two refusals inside its transactions; they are the caller's errors.
+    fn from(e: crate::store::StoreError) -> Self {
+        use crate::store::StoreError;
+        match e {
+            StoreError::AlreadyFinal { id, .. } => JobError::Denied {
+                id,
+                denied: state::Denied::AlreadyFinal,
+            },
+            StoreError::Duplicate { index, existing } => JobError::Duplicate { index, existing },
+            other => JobError::Store(other),
+        }
+    }
 }
 
 impl From<crate::backend::BackendError> for JobError {

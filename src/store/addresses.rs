@@ -8,6 +8,7 @@ use std::net::Ipv4Addr;
 
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
 
+use super::queries::row_id;
 use super::StoreError;
 use crate::network::config::PublicPoolConfig;
 use crate::network::ip::{FirewallSpec, PublicIpRecord, PublicIpSpec};
@@ -120,7 +121,7 @@ pub(super) fn public_ip(
     c: &mut Connection,
     id: &str,
 ) -> Result<Option<PublicIpRecord>, StoreError> {
-    let Ok(numeric) = id.parse::<i64>() else {
+    let Some(numeric) = row_id(id) else {
         return Ok(None);
     };
     let row = c
@@ -153,7 +154,7 @@ pub(super) fn public_ips(
 /// The owner's address `id` inside a transaction, or why it cannot be used.
 fn owned_ip(tx: &Transaction<'_>, owner: &str, id: &str) -> Result<PublicIpRecord, StoreError> {
     let unknown = || StoreError::AddressUnknown { id: id.to_owned() };
-    let numeric: i64 = id.parse().map_err(|_| unknown())?;
+    let numeric = row_id(id).ok_or_else(unknown)?;
     let row = tx
         .query_row(
             &format!("SELECT {IP_COLUMNS} FROM public_ips p WHERE p.id = ?1"),

@@ -45,6 +45,10 @@ pub enum StoreError {
     AddressUnknown { id: String },
     #[error("public IP {id} is currently in use by job {job}")]
     AddressInUse { id: String, job: String },
+    #[error("job {id} is already {state}")]
+    AlreadyFinal { id: String, state: &'static str },
+    #[error("item {index}: an identical job ({existing}) is already active; set allowDuplicateJob to start another")]
+    Duplicate { index: usize, existing: String },
     #[error("store worker failed")]
     Worker(#[from] tokio::task::JoinError),
 }
@@ -235,3 +239,7 @@ impl Store {
         self.with(queries::all_vms).await
     }
 }
+
+#[cfg(test)]
+#[path = "store_tests.rs"]
+mod tests;

@@ -20,6 +20,9 @@ pub struct NewJob {
     pub first_update: JobUpdate,
     /// Ids of the owner's public IPs to attach to the job.
     pub public_ips: Vec<String>,
+    /// Refuse the job while the owner has an active job with the same fingerprint
+    /// (`allowDuplicateJob` unset).
+    pub unique: bool,
 }
 
 /// A VM a job owns (or may own: the row exists before the VM is created).
@@ -65,6 +68,15 @@ pub struct JobQuery {
 
 const FINAL_STATES: &str = "('SUCCESS','FAILURE','EXPIRED')";
 
+/// The row id behind a job or public IP id, which is only ever written in canonical decimal:
+/// `"01"` or `"+1"` would reach row 1 under another name, and every later step keyed by the
+/// name (runners, consoles, followers) would then take it for a second resource.
+pub(super) fn row_id(id: &str) -> Option<i64> {
+    id.parse::<i64>()
+        .ok()
+        .filter(|&n| n > 0 && n.to_string() == id)
+}
+
 pub(super) fn agent_id(c: &mut Connection) -> Result<String, StoreError> {
     let tx = c.transaction()?;
     let existing: Option<String> = tx
@@ -94,7 +106,26 @@ pub(super) fn insert_jobs(
 ) -> Result<Vec<String>, StoreError> {
     let tx = c.transaction()?;
     let mut ids = Vec::with_capacity(jobs.len());
-    for job in jobs {
+    for (index, job) in jobs.iter().enumerate() {
+        if job.unique {
+            // In the inserting transaction, so two identical requests at once cannot both pass.
+            let existing: Option<i64> = tx
+                .query_row(
+                    &format!(
+                        "SELECT id FROM jobs WHERE owner = ?1 AND fingerprint = ?2
+                         AND state NOT IN {FINAL_STATES} ORDER BY id LIMIT 1"
+                    ),
+                    params![job.owner, job.fingerprint],
+                    |row| row.get(0),
+                )
+                .optional()?;
+            if let Some(existing) = existing {
+                return Err(StoreError::Duplicate {
+                    index,
+                    existing: existing.to_string(),
+                });
+            }
+        }
         let spec = serde_json::to_string(&job.spec).map_err(|e| StoreError::Corrupt {
             id: "<new>".into(),
             why: e.to_string(),
@@ -143,6 +174,23 @@ fn insert_update(c: &Connection, id: &str, u: &JobUpdate) -> Result<(), StoreErr
 
 pub(super) fn append_update(c: &mut Connection, id: &str, u: &JobUpdate) -> Result<(), StoreError> {
     let tx = c.transaction()?;
+    if u.state.is_some() {
+        // Checked in the writing transaction: a request that read the job a moment ago (an
+        // unsuspend racing the expiry) must not bring a finished job back.
+        let current: Option<String> = tx
+            .query_row("SELECT state FROM jobs WHERE id = ?1", [id], |row| {
+                row.get(0)
+            })
+            .optional()?;
+        if let Some(state) = current.as_deref().and_then(JobState::parse) {
+            if state.is_final() {
+                return Err(StoreError::AlreadyFinal {
+                    id: id.to_owned(),
+                    state: state.as_str(),
+                });
+            }
+        }
+    }
     insert_update(&tx, id, u)?;
     if let Some(state) = u.state {
         // A new state completes (or supersedes) any suspend that was asked for.
@@ -269,7 +317,7 @@ fn hydrate(c: &Connection, row: JobRow) -> Result<JobRecord, StoreError> {
 }
 
 pub(super) fn job(c: &mut Connection, id: &str) -> Result<Option<JobRecord>, StoreError> {
-    let Ok(numeric) = id.parse::<i64>() else {
+    let Some(numeric) = row_id(id) else {
         return Ok(None);
     };
     let row = c
