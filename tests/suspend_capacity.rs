@@ -318,7 +318,7 @@ async fn a_failed_unsuspend_keeps_the_disk() {
     let deadline = Instant::now() + Duration::from_secs(10);
     let job = loop {
         let job = d.retrieve(&id).await;
-        if last_status(&job).contains("could not be started again") {
+        if last_status(&job).contains("its disk is kept") {
             break job;
         }
         assert!(Instant::now() < deadline, "{job:#}");
@@ -330,4 +330,38 @@ async fn a_failed_unsuspend_keeps_the_disk() {
         d.fake.snapshot().contains_key(&domain),
         "the user's disk was deleted"
     );
+}
+
+/// The base image vanished while the job was suspended: the unsuspend cannot boot, and the job
+/// goes back to SUSPENDED with its disk, not to FAILURE with everything left behind.
+#[tokio::test]
+async fn an_unsuspend_without_its_base_image_stays_suspended_and_keeps_the_disk() {
+    let (d, dir) = daemon().await;
+    let id = d.create(vm_spec()).await;
+    d.wait_state(&id, "RUNNING", 10).await;
+    d.post("/api/jobs/suspend", items(&[&id])).await;
+    d.wait_state(&id, "SUSPENDED", 10).await;
+    let base = dir.path().join("images/debian12-cloud/disk.qcow2");
+    std::fs::rename(&base, base.with_extension("away")).unwrap();
+    let (status, _) = d.post("/api/jobs/unsuspend", items(&[&id])).await;
+    assert_eq!(status, 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let job = loop {
+        let job = d.retrieve(&id).await;
+        if last_status(&job).contains("its disk is kept") {
+            break job;
+        }
+        assert!(Instant::now() < deadline, "{job:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(job["status"]["state"], "SUSPENDED", "{job:#}");
+    assert!(last_status(&job).contains("base image"), "{job:#}");
+    let domain = format!("vmhost-test-{id}-0");
+    assert_eq!(d.fake.snapshot()[&domain].state, PowerState::ShutOff);
+
+    std::fs::rename(base.with_extension("away"), &base).unwrap();
+    let (status, _) = d.post("/api/jobs/unsuspend", items(&[&id])).await;
+    assert_eq!(status, 200);
+    d.wait_state(&id, "RUNNING", 10).await;
+    assert_eq!(d.fake.snapshot()[&domain].state, PowerState::Running);
 }

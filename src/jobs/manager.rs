@@ -356,8 +356,8 @@ impl JobManager {
     pub async fn suspend(&self, owner: &Owner, ids: &[String]) -> Result<(), JobError> {
         self.check_each(owner, ids, JobEvent::SuspendRequested)
             .await?;
+        self.inner.deps.store.set_suspend_requested(ids).await?;
         for id in ids {
-            self.inner.deps.store.set_suspend_requested(id).await?;
             tracing::info!(job_id = %id, "suspend requested");
             self.inner.wake(id);
         }

@@ -96,6 +96,10 @@ impl From<crate::store::StoreError> for JobError {
                 denied: state::Denied::AlreadyFinal,
             },
             StoreError::Duplicate { index, existing } => JobError::Duplicate { index, existing },
+            StoreError::NotRunning { id } => JobError::Denied {
+                id,
+                denied: state::Denied::NotRunning,
+            },
             other => JobError::Store(other),
         }
     }

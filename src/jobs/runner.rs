@@ -91,13 +91,15 @@ async fn provision_replicas(ctx: &Inner, job: &JobRecord) -> Result<(), JobError
     let deps = &ctx.deps;
     let plan = match spec::validate(&job.spec, &deps.config, &deps.catalog) {
         Ok(plan) => plan,
-        Err(e) => return fail(ctx, job, &format!("The job can no longer start: {e}")).await,
+        Err(e) => {
+            return refuse_start(ctx, job, &format!("The job can no longer start: {e}")).await
+        }
     };
     let local = match deps.images.ensure_local(&plan.image).await {
         Ok(local) => local,
         Err(e) => {
             let why = format!("The base image is not available: {}", error_chain(&e));
-            return fail(ctx, job, &why).await;
+            return refuse_start(ctx, job, &why).await;
         }
     };
     let addresses = deps.store.job_addresses(&job.id).await?;
@@ -140,27 +142,11 @@ async fn provision_replicas(ctx: &Inner, job: &JobRecord) -> Result<(), JobError
     };
     if let Err(e) = started.await {
         tracing::error!(error = %error_chain(&e), "failed to start the job's VMs");
-        if job.started_at.is_some() {
-            // An unsuspend: the disks hold the user's data, so never delete them; the
-            // job stays powered off and can be unsuspended again.
-            for vm in deps.store.vms(&job.id).await? {
-                if let Err(e) = deps.backend.destroy(&vm.domain).await {
-                    tracing::warn!(domain = %vm.domain, error = %error_chain(&e), "cannot stop replica");
-                }
-            }
-            let why = format!(
-                "The virtual machine could not be started again: {}; its disk is kept",
-                error_chain(&e)
-            );
-            return ctx.record(&job.id, Some(JobState::Suspended), &why).await;
-        }
-        remove_all(ctx, job).await?;
-        return fail(
-            ctx,
-            job,
-            &format!("Failed to start the virtual machine: {}", error_chain(&e)),
-        )
-        .await;
+        let why = format!(
+            "The virtual machine could not be started: {}",
+            error_chain(&e)
+        );
+        return refuse_start(ctx, job, &why).await;
     }
     if job.expires_at.is_none() {
         if let Some(allocation) = job.allocation_ms {
@@ -173,6 +159,28 @@ async fn provision_replicas(ctx: &Inner, job: &JobRecord) -> Result<(), JobError
         .await?;
     if job.started_at.is_none() {
         announce_addresses(ctx, job, &addresses).await?;
+    }
+    Ok(())
+}
+
+/// A job that cannot (re)start. A new job fails and leaves nothing behind. An unsuspend keeps
+/// everything: the disks hold the user's data, so the job goes back to SUSPENDED, powered off,
+/// and can be unsuspended again once the cause is fixed.
+async fn refuse_start(ctx: &Inner, job: &JobRecord, why: &str) -> Result<(), JobError> {
+    if job.started_at.is_some() {
+        stop_replicas(ctx, job).await?;
+        let why = format!("{why}; its disk is kept");
+        return ctx.record(&job.id, Some(JobState::Suspended), &why).await;
+    }
+    remove_all(ctx, job).await?;
+    fail(ctx, job, why).await
+}
+
+/// Powers off every replica of the job. An error leaves the step to be retried: a job the
+/// store calls stopped must not keep a replica running.
+async fn stop_replicas(ctx: &Inner, job: &JobRecord) -> Result<(), JobError> {
+    for vm in ctx.deps.store.vms(&job.id).await? {
+        ctx.deps.backend.destroy(&vm.domain).await?;
     }
     Ok(())
 }
@@ -448,11 +456,7 @@ async fn on_vm_event(ctx: &Arc<Inner>, job: &JobRecord, event: JobEvent) -> Resu
     };
     if event != JobEvent::Vanished {
         // Stop every other replica too: a job is powered on or off as a whole.
-        for vm in ctx.deps.store.vms(&job.id).await? {
-            if let Err(e) = ctx.deps.backend.destroy(&vm.domain).await {
-                tracing::warn!(domain = %vm.domain, error = %error_chain(&e), "cannot stop replica");
-            }
-        }
+        stop_replicas(ctx, job).await?;
     }
     tracing::info!(
         ?event,

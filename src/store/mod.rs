@@ -45,6 +45,8 @@ pub enum StoreError {
     AddressUnknown { id: String },
     #[error("public IP {id} is currently in use by job {job}")]
     AddressInUse { id: String, job: String },
+    #[error("job {id} is not running")]
+    NotRunning { id: String },
     #[error("job {id} is already {state}")]
     AlreadyFinal { id: String, state: &'static str },
     #[error("item {index}: an identical job ({existing}) is already active; set allowDuplicateJob to start another")]
@@ -136,9 +138,9 @@ impl Store {
     }
 
     /// Records that a suspend was requested; the next state update clears it.
-    pub async fn set_suspend_requested(&self, id: &str) -> Result<(), StoreError> {
-        let id = id.to_owned();
-        self.with(move |c| queries::set_suspend_requested(c, &id))
+    pub async fn set_suspend_requested(&self, ids: &[String]) -> Result<(), StoreError> {
+        let ids = ids.to_vec();
+        self.with(move |c| queries::set_suspend_requested(c, &ids))
             .await
     }
 

@@ -216,8 +216,22 @@ pub(super) fn append_update(c: &mut Connection, id: &str, u: &JobUpdate) -> Resu
     Ok(())
 }
 
-pub(super) fn set_suspend_requested(c: &mut Connection, id: &str) -> Result<(), StoreError> {
-    c.execute("UPDATE jobs SET suspend_requested = 1 WHERE id = ?1", [id])?;
+/// All or none, and only jobs still running with no terminate pending: the caller's check may
+/// be stale by now (a guest powering off records SUSPENDED meanwhile, and a suspend asked of a
+/// stopped job would never complete, refusing every later unsuspend).
+pub(super) fn set_suspend_requested(c: &mut Connection, ids: &[String]) -> Result<(), StoreError> {
+    let tx = c.transaction()?;
+    for id in ids {
+        let changed = tx.execute(
+            "UPDATE jobs SET suspend_requested = 1
+             WHERE id = ?1 AND state = 'RUNNING' AND terminate_requested = 0",
+            [id],
+        )?;
+        if changed == 0 {
+            return Err(StoreError::NotRunning { id: id.clone() });
+        }
+    }
+    tx.commit()?;
     Ok(())
 }
 

@@ -114,3 +114,35 @@ async fn only_canonical_ids_name_a_row() {
         assert!(store.job(alias).await.expect("read").is_none(), "{alias:?}");
     }
 }
+
+#[tokio::test]
+async fn a_suspend_is_asked_of_running_jobs_only_and_all_or_none() {
+    let (store, _dir) = store().await;
+    let ids = store
+        .insert_jobs(vec![new_job("alice", false), new_job("alice", false)], None)
+        .await
+        .expect("insert");
+    for id in &ids {
+        store
+            .append_update(id, update(JobState::Running))
+            .await
+            .expect("run");
+    }
+    // The guest powered the second job off since the caller looked.
+    store
+        .append_update(&ids[1], update(JobState::Suspended))
+        .await
+        .expect("stopped from inside");
+    let refused = store.set_suspend_requested(&ids).await;
+    assert!(
+        matches!(&refused, Err(StoreError::NotRunning { id }) if *id == ids[1]),
+        "{refused:?}"
+    );
+    let first = store.job(&ids[0]).await.expect("read").expect("exists");
+    assert!(!first.suspend_requested, "nothing was asked");
+    store
+        .set_suspend_requested(&ids[..1])
+        .await
+        .expect("a running job");
+    assert!(store.job(&ids[0]).await.unwrap().unwrap().suspend_requested);
+}
