@@ -171,6 +171,53 @@ async fn bad_requests_are_refused_with_why_and_create_nothing() {
 }
 
 #[tokio::test]
+async fn user_data_and_keys_that_would_fail_the_seed_are_refused_at_create() {
+    let (d, _dir) = daemon().await;
+    let with_params = |params: Value| {
+        let mut s = vm_spec();
+        s["parameters"] = params;
+        s
+    };
+    let user_data =
+        |text: &str| with_params(json!({ "userData": { "type": "text", "value": text } }));
+    // Valid keys, each under the 8 KiB line limit, that render past the 64 KiB user-data limit.
+    let big_keys = vec![format!("{SSH_KEY} {}", "c".repeat(7900)); 10].join("\n");
+    let cases = [
+        (user_data("hostname: evil"), "user data sets \"hostname\""),
+        (
+            user_data("ssh_pwauth: true"),
+            "vmhost always sets ssh_pwauth: false",
+        ),
+        (
+            user_data("users: [debian]"),
+            "user data declares user \"debian\"",
+        ),
+        (user_data("users: 5"), "`users` must be a list"),
+        (
+            with_params(json!({ "sshPublicKeys": { "type": "text", "value": big_keys } })),
+            "more than the 65536-byte limit",
+        ),
+    ];
+    for (s, needle) in cases {
+        // A valid item first: one refused item refuses the whole request.
+        let (status, body) = d
+            .post("/api/jobs", json!({ "items": [vm_spec(), s] }))
+            .await;
+        assert_eq!(status, 400, "{needle}: {body}");
+        let why = body["why"].as_str().unwrap_or_default();
+        assert!(why.starts_with("item 1: "), "{body}");
+        assert!(why.contains(needle), "{needle}: {body}");
+    }
+    let (_, page) = d.get("/api/jobs/browse").await;
+    assert_eq!(page["items"], json!([]), "a refused request created a job");
+    assert!(d.fake.snapshot().is_empty());
+
+    let ok = user_data("#cloud-config\npackages: [htop]\nusers: [ops]\n");
+    let id = d.create(ok).await;
+    d.wait_state(&id, "RUNNING", 10).await;
+}
+
+#[tokio::test]
 async fn duplicates_are_refused_unless_allowed() {
     let (d, _dir) = daemon().await;
     let mut s = vm_spec();

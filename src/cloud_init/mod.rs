@@ -163,7 +163,6 @@ pub enum SeedError {
     Image(#[source] std::io::Error),
 }
 
-/// Renders the three seed files. Pure: validates every input, then serialises.
 /// Checks a job's SSH public keys the same way [`render`] will, so a bad key is refused
 /// when the job is submitted rather than when its VM is built.
 pub fn validate_ssh_keys(keys: &[String]) -> Result<(), SeedError> {
@@ -171,18 +170,33 @@ pub fn validate_ssh_keys(keys: &[String]) -> Result<(), SeedError> {
         .try_for_each(|key| validate::ssh_key(key).map(drop))
 }
 
+/// What `user-data` is rendered from: the part of a [`SeedSpec`] that is the same for every
+/// replica and known before the job has an id, so a job can be checked when it is submitted
+/// with the very function that later writes its seed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct UserDataSpec<'a> {
+    pub login_user: &'a str,
+    pub ssh_authorized_keys: &'a [String],
+    pub extra_user_data: Option<&'a serde_json::Map<String, serde_json::Value>>,
+    pub hosts: &'a [HostEntry],
+}
+
+impl SeedSpec {
+    pub fn user_data_spec(&self) -> UserDataSpec<'_> {
+        UserDataSpec {
+            login_user: &self.login_user,
+            ssh_authorized_keys: &self.ssh_authorized_keys,
+            extra_user_data: self.extra_user_data.as_ref(),
+            hosts: &self.hosts,
+        }
+    }
+}
+
+/// Renders the three seed files. Pure: validates every input, then serialises.
 pub fn render(spec: &SeedSpec, templates: &SeedTemplates) -> Result<SeedFiles, SeedError> {
     validate::instance_id(&spec.instance_id)?;
     validate::hostname(&spec.hostname)?;
-    validate::login_user(&spec.login_user)?;
-    for host in &spec.hosts {
-        validate::hostname(&host.name)?;
-    }
-    let keys = spec
-        .ssh_authorized_keys
-        .iter()
-        .map(|key| validate::ssh_key(key))
-        .collect::<Result<Vec<_>, _>>()?;
+    let user_data = render_user_data(&spec.user_data_spec(), templates)?;
 
     let meta_data = serde_json::json!({
         "instance-id": spec.instance_id,
@@ -191,9 +205,27 @@ pub fn render(spec: &SeedSpec, templates: &SeedTemplates) -> Result<SeedFiles, S
     Ok(SeedFiles {
         instance_id: spec.instance_id.clone(),
         meta_data: yaml::to_string(&meta_data)?,
-        user_data: user_data::render(spec, &keys, templates)?,
+        user_data,
         network_config: network::render(&spec.nics)?,
     })
+}
+
+/// Renders `user-data` alone, exactly as [`render`] does: every rule on who may set what, and
+/// the size limit on the rendered file, apply here.
+pub fn render_user_data(
+    spec: &UserDataSpec<'_>,
+    templates: &SeedTemplates,
+) -> Result<String, SeedError> {
+    validate::login_user(spec.login_user)?;
+    for host in spec.hosts {
+        validate::hostname(&host.name)?;
+    }
+    let keys = spec
+        .ssh_authorized_keys
+        .iter()
+        .map(|key| validate::ssh_key(key))
+        .collect::<Result<Vec<_>, _>>()?;
+    user_data::render(spec, &keys, templates)
 }
 
 #[cfg(test)]

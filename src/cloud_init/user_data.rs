@@ -6,7 +6,7 @@ use serde_json::{json, Map, Value};
 
 use super::validate::shown;
 use super::yaml::{self, kind_of};
-use super::{SeedError, SeedSpec, SeedTemplates, MAX_KEY_CHARS, MAX_USER_DATA_BYTES};
+use super::{SeedError, SeedTemplates, UserDataSpec, MAX_KEY_CHARS, MAX_USER_DATA_BYTES};
 
 /// Top-level keys no source may set (operator template or user).
 pub(crate) const FORBIDDEN_KEYS: &[&str] = &[
@@ -158,18 +158,18 @@ pub(crate) fn deep_merge(base: &mut Map<String, Value>, overlay: Map<String, Val
 
 /// Renders `user-data`; `keys` are the already validated and normalised SSH keys.
 pub(crate) fn render(
-    spec: &SeedSpec,
+    spec: &UserDataSpec<'_>,
     keys: &[String],
     templates: &SeedTemplates,
 ) -> Result<String, SeedError> {
     let template_names = check_source(&templates.user_data, Source::Template)?;
-    if template_names.contains(&spec.login_user) {
+    if template_names.iter().any(|n| n == spec.login_user) {
         return Err(SeedError::Invalid(format!(
             "the operator's user-data template declares a user named like the login user {}",
-            shown(&spec.login_user)
+            shown(spec.login_user)
         )));
     }
-    let mut extra = spec.extra_user_data.clone().unwrap_or_default();
+    let mut extra = spec.extra_user_data.cloned().unwrap_or_default();
     let user_names = check_source(&extra, Source::User)?;
     if let Some(name) = user_names
         .iter()

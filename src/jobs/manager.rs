@@ -217,6 +217,7 @@ impl JobManager {
         let host_total = self.schedulable().await;
         for (index, spec) in specs.into_iter().enumerate() {
             let plan = spec::validate(&spec, &deps.config, &deps.catalog)
+                .and_then(|plan| spec::check_user_data(&plan, &deps.templates).map(|()| plan))
                 .map_err(|source| JobError::InvalidSpec { index, source })?;
             for peer in &plan.peers {
                 self.check_peer(owner, index, peer).await?;

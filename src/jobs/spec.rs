@@ -1,14 +1,16 @@
 //! A job's specification, as UCloud shapes it, and its validation against what this host offers.
 //!
 //! [`JobSpec`] is stored as given (so `retrieve` echoes it back); [`validate`] turns it into a
-//! [`LaunchPlan`], the typed inputs the runner needs. Validation is pure: it reads the
-//! products, the image catalog and the seed rules, and never touches the host, so a refused
-//! request changes nothing.
+//! [`LaunchPlan`], the typed inputs the runner needs, and [`check_user_data`] renders the plan's
+//! cloud-init `user-data` with the operator's templates, as provisioning will. A create runs
+//! both, so input that could only fail the job later is refused up front. Validation is pure: it
+//! reads the products, the image catalog, the templates and the seed rules, and never touches the
+//! host, so a refused request changes nothing.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::cloud_init;
+use crate::cloud_init::{self, HostEntry, SeedTemplates, UserDataSpec};
 use crate::config::{Config, ProductConfig};
 use crate::images::{Catalog, ImageEntry};
 
@@ -256,6 +258,45 @@ pub fn validate(
         ));
     }
     Ok(plan)
+}
+
+/// Renders the plan's `user-data` with the same function that writes the seed, so what it
+/// refuses here (keys the user data may not set, a `users` entry reusing the login user's or a
+/// template user's name, keys and user data together over the size limit) can never first
+/// show up as a failed job. [`validate`] leaves this out because it also runs at scheduling and
+/// provisioning, which need no render (provisioning renders the real seed).
+pub fn check_user_data(plan: &LaunchPlan, templates: &SeedTemplates) -> Result<(), SpecError> {
+    if !plan.image.cloud_init {
+        return Ok(());
+    }
+    // Peer addresses are leased only when the VM is built. The widest address stands in for
+    // each, so the size checked here bounds the size provisioning renders (a peer that has
+    // ended by then is left out, which only makes the file smaller).
+    let hosts: Vec<HostEntry> = plan
+        .peers
+        .iter()
+        .map(|peer| HostEntry {
+            address: std::net::Ipv4Addr::BROADCAST,
+            name: peer.hostname.clone(),
+        })
+        .collect();
+    let spec = UserDataSpec {
+        login_user: &plan.image.login_user,
+        ssh_authorized_keys: &plan.ssh_keys,
+        extra_user_data: plan.user_data.as_ref(),
+        hosts: &hosts,
+    };
+    cloud_init::render_user_data(&spec, templates)
+        .map(drop)
+        .map_err(|e| {
+            let given = match (plan.ssh_keys.is_empty(), plan.user_data.is_none()) {
+                (false, false) => format!("parameters {PARAM_SSH_KEYS} and {PARAM_USER_DATA}"),
+                (false, true) => format!("parameter {PARAM_SSH_KEYS}"),
+                (true, false) => format!("parameter {PARAM_USER_DATA}"),
+                (true, true) => "user-data".to_owned(),
+            };
+            SpecError::Invalid(format!("{given}: {}", crate::telemetry::error_chain(&e)))
+        })
 }
 
 /// Adds a `network` or `peer` value to the plan; anything else is refused.
