@@ -785,6 +785,15 @@ async fn an_extension_past_ten_years_is_refused_and_changes_nothing() {
         .post("/api/jobs/extend", json!({ "items": [item(50_000)] }))
         .await;
     assert_eq!(status, 200, "up to ten years is fine");
+
+    let mut forever = vm_spec();
+    forever["timeAllocation"] = json!({ "hours": 4_294_967_295u64, "minutes": 0, "seconds": 0 });
+    let (status, body) = d.post("/api/jobs", json!({ "items": [forever] })).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["why"].as_str().unwrap().contains("may not exceed"),
+        "{body}"
+    );
 }
 
 #[tokio::test]

@@ -7,7 +7,7 @@ use tokio::sync::{broadcast, mpsc};
 
 use super::capacity::Resources;
 use super::runner::{self, RunnerMsg};
-use super::spec::{self, SimpleDuration};
+use super::spec::{self, SimpleDuration, MAX_TIME_ALLOCATION_MS};
 use super::state::{self, JobEvent};
 use super::{messages, now_millis, JobError, JobRecord, JobSpec, JobUpdate, SpecError, VmNaming};
 use crate::backend::{Accel, VmBackend};
@@ -53,10 +53,6 @@ struct RunnerHandle {
     tx: mpsc::Sender<RunnerMsg>,
     task: tokio::task::AbortHandle,
 }
-
-/// The longest time allocation a job may reach through extensions: ten years. It keeps every
-/// deadline far from overflowing milliseconds since the epoch.
-pub const MAX_TIME_ALLOCATION_MS: i64 = 10 * 365 * 24 * 3_600_000;
 
 /// Runner queues are small: a runner that falls behind sheds load as `JobError::Busy`.
 const RUNNER_QUEUE: usize = 16;

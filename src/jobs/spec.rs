@@ -33,6 +33,10 @@ pub struct SimpleDuration {
     pub seconds: u32,
 }
 
+/// The longest time allocation a job may have, extensions included: ten years. It keeps every
+/// deadline far from overflowing milliseconds since the epoch.
+pub const MAX_TIME_ALLOCATION_MS: i64 = 10 * 365 * 24 * 3_600_000;
+
 impl SimpleDuration {
     pub fn as_millis(self) -> i64 {
         (i64::from(self.hours) * 3600 + i64::from(self.minutes) * 60 + i64::from(self.seconds))
@@ -178,6 +182,12 @@ pub fn validate(
     let time_allocation_ms = spec.time_allocation.map(SimpleDuration::as_millis);
     if time_allocation_ms == Some(0) {
         return invalid("timeAllocation must be longer than zero");
+    }
+    if time_allocation_ms.is_some_and(|ms| ms > MAX_TIME_ALLOCATION_MS) {
+        return invalid(format!(
+            "timeAllocation may not exceed {} hours",
+            MAX_TIME_ALLOCATION_MS / 3_600_000
+        ));
     }
     let params = spec.parameters.clone().unwrap_or_default();
     let mut plan = LaunchPlan {
