@@ -263,3 +263,115 @@ async fn the_console_pages_are_served_under_a_strict_policy() {
         assert_eq!(r.status(), 200, "{asset}: run npm ci in web/");
     }
 }
+
+/// The flood of the bug report: alice asks for 5 × 20,000 console links. Bob's link, issued
+/// before, must still open his console; alice is held to her own caps, all or nothing.
+#[tokio::test]
+async fn one_user_flooding_console_links_cannot_break_another_users_link() {
+    let (d, _dir) = daemon_with(|_| {}).await;
+    let alices = running_job(&d).await;
+    let (status, body) = d
+        .call(
+            "POST",
+            "/api/jobs",
+            OTHER_TOKEN,
+            Some(json!({ "items": [vm_spec()] })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let bobs = body["responses"][0]["id"].as_str().unwrap().to_owned();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let bob_url = loop {
+        let (status, body) = open_session(&d, OTHER_TOKEN, &bobs, "VNC").await;
+        if status == 200 {
+            break body["responses"][0]["session"]["url"]
+                .as_str()
+                .unwrap()
+                .replace("http://", "ws://");
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{status}: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+
+    let items = |n: usize| {
+        let item = json!({ "id": alices, "rank": 0, "sessionType": "VNC" });
+        json!({ "items": vec![item; n] })
+    };
+    let mut flood = Vec::new();
+    for _ in 0..5 {
+        flood.push(
+            d.call(
+                "POST",
+                "/api/jobs/interactiveSession",
+                TOKEN,
+                Some(items(20_000)),
+            )
+            .await,
+        );
+    }
+    // Checked before alice's statuses, so the bug shows as what bob sees.
+    assert!(
+        ws::connect(&bob_url, None, None).await.is_ok(),
+        "bob's link was refused after alice's flood"
+    );
+    assert_eq!(d.fake.vnc_sessions(&format!("vmhost-test-{bobs}-0")), 1);
+    for (status, body) in flood {
+        assert_eq!(status, 400, "{body}");
+        assert!(
+            body["why"].as_str().unwrap().contains("at most 64"),
+            "{body}"
+        );
+    }
+
+    // Alice at her own cap of 256 open links: refused, and a refused request issues nothing.
+    let mut alice_urls = Vec::new();
+    for _ in 0..4 {
+        let (status, body) = d
+            .call(
+                "POST",
+                "/api/jobs/interactiveSession",
+                TOKEN,
+                Some(items(64)),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        alice_urls.push(
+            body["responses"][0]["session"]["url"]
+                .as_str()
+                .unwrap()
+                .replace("http://", "ws://"),
+        );
+    }
+    let (status, body) = d
+        .call(
+            "POST",
+            "/api/jobs/interactiveSession",
+            TOKEN,
+            Some(items(1)),
+        )
+        .await;
+    assert_eq!(status, 409, "{body}");
+    let why = body["why"].as_str().unwrap();
+    assert!(
+        why.contains("too many open console links") && why.contains("expire"),
+        "{why}"
+    );
+    // One link used leaves room for exactly one: a 64-item request is refused whole.
+    assert!(ws::connect(&alice_urls[0], None, None).await.is_ok());
+    let (status, body) = d
+        .call(
+            "POST",
+            "/api/jobs/interactiveSession",
+            TOKEN,
+            Some(items(64)),
+        )
+        .await;
+    assert_eq!(status, 409, "{body}");
+    let (status, body) = open_session(&d, TOKEN, &alices, "VNC").await;
+    assert_eq!(status, 200, "the refused request issued nothing: {body}");
+    let (status, body) = open_session(&d, TOKEN, &alices, "VNC").await;
+    assert_eq!(status, 409, "{body}");
+    // Bob is not affected by any of it.
+    let (status, body) = open_session(&d, OTHER_TOKEN, &bobs, "SHELL").await;
+    assert_eq!(status, 200, "{body}");
+}

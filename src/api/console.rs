@@ -1,6 +1,8 @@
 //! Interactive sessions: `interactiveSession`, the VNC and shell WebSockets, and the pages.
 //!
-//! `interactiveSession` checks the job (owner, RUNNING, rank) and issues a one-time token.
+//! `interactiveSession` checks the job (owner, RUNNING, rank) and issues a one-time token,
+//! within the bounds of [`crate::console::tokens`]: at most 64 items a request (400), at most
+//! 256 open links a user (409: wait for them to expire), and all or nothing.
 //! The browser then connects without a bearer token: the token (VNC) or session identifier
 //! (shell) is the credential. Every check — Origin, token, job still running, console opens —
 //! happens *before* the WebSocket upgrade, so a refusal is a plain HTTP status with the UCloud
@@ -19,6 +21,7 @@ use super::error::ApiError;
 use super::extract::{AppJson, AppQuery, AuthUser};
 use super::types::{BulkRequest, BulkResponse};
 use super::AppState;
+use crate::console::tokens;
 use crate::console::{
     configure_upgrade, origin_allowed, proxy, run_shell, CloseReason, Grant, ProxyConfig,
     SessionKind, ShellConfig, SocketConfig, StopSignal, TokenError, WsAdapter, WsUpgrade,
@@ -59,6 +62,9 @@ pub(super) async fn jobs_open_interactive_session(
     AppJson(request): AppJson<BulkRequest<OpenSessionItem>>,
 ) -> Result<Json<BulkResponse<Value>>, ApiError> {
     let config = state.manager.config();
+    // Refused before any per-item work: one request cannot make vmhost look up thousands of
+    // jobs, nor ask for more tokens than `issue_all` would grant.
+    tokens::check_request_size(request.items.len()).map_err(token_error)?;
     // Check every item before issuing anything, so a refused request leaves no live token.
     for item in &request.items {
         if matches!(item.session_type, SessionType::Web) {
@@ -73,20 +79,21 @@ pub(super) async fn jobs_open_interactive_session(
     }
     let base = config.public_url.trim_end_matches('/');
     let provider = &config.provider_id;
-    let mut responses = Vec::with_capacity(request.items.len());
-    for item in request.items {
-        let kind = match item.session_type {
-            SessionType::Vnc => SessionKind::Vnc,
-            SessionType::Shell | SessionType::Web => SessionKind::Shell,
-        };
-        let grant = Grant {
+    let grants = request
+        .items
+        .iter()
+        .map(|item| Grant {
             job_id: item.id.clone(),
             rank: item.rank,
             user: owner.0.clone(),
-            kind,
-        };
-        let token = state.tokens.issue(grant);
-        let session = match kind {
+            kind: session_kind(item.session_type),
+        })
+        .collect();
+    // All or nothing: past the caller's or the host's cap, no token is issued.
+    let tokens = state.tokens.issue_all(grants).map_err(token_error)?;
+    let mut responses = Vec::with_capacity(request.items.len());
+    for (item, token) in request.items.into_iter().zip(tokens) {
+        let session = match session_kind(item.session_type) {
             SessionKind::Vnc => json!({
                 "type": "vnc", "jobId": item.id, "rank": item.rank,
                 "url": format!("{base}/ucloud/{provider}/vnc?token={token}"),
@@ -100,6 +107,14 @@ pub(super) async fn jobs_open_interactive_session(
             .push(json!({ "providerDomain": base, "providerId": provider, "session": session }));
     }
     Ok(Json(BulkResponse { responses }))
+}
+
+fn session_kind(t: SessionType) -> SessionKind {
+    match t {
+        SessionType::Vnc => SessionKind::Vnc,
+        // WEB is refused before any token is issued.
+        SessionType::Shell | SessionType::Web => SessionKind::Shell,
+    }
 }
 
 /// `GET /ucloud/{provider}/vnc?token=`: the noVNC WebSocket.
@@ -202,6 +217,12 @@ fn token_error(e: TokenError) -> ApiError {
     match e {
         TokenError::Expired => ApiError::Gone(format!("{e}; open the console again")),
         TokenError::Unknown | TokenError::WrongKind { .. } => ApiError::Forbidden(e.to_string()),
+        TokenError::TooManyAtOnce { .. } => ApiError::BadRequest(e.to_string()),
+        // `ApiError` has no 429; 409 says that the caller's own state (their open links) is in
+        // the way, and the `why` says to wait for them to expire.
+        TokenError::UserFull { .. } => ApiError::Conflict(e.to_string()),
+        // The host's capacity, not the caller's doing.
+        TokenError::Full => ApiError::Busy(e.to_string()),
     }
 }
 

@@ -23,7 +23,8 @@
 //! ## Wiring (for `api`)
 //! ```ignore
 //! // interactiveSession (UCloud → provider): after checking the job, rank and owner:
-//! let token = tokens.issue(Grant { job_id, rank, user, kind: SessionKind::Vnc });
+//! // A bulk request takes `issue_all`: one token per grant, or none past a cap.
+//! let token = tokens.issue(Grant { job_id, rank, user, kind: SessionKind::Vnc })?;
 //! // → url = "{public_url}/ucloud/{provider}/vnc?token={token}"
 //!
 //! // GET /ucloud/{provider}/vnc?token=… (WebSocket upgrade; browsers send no bearer token):
@@ -49,6 +50,9 @@
 //!   60 s); an established session is not cut when its token expires (use
 //!   [`ProxyConfig::max_session`] for a hard cap). Tokens are never logged: [`SessionTokens`]'
 //!   `Debug` shows only a count.
+//! - **Token limits**: at most [`tokens::MAX_PER_REQUEST`] (64) a request and
+//!   [`tokens::MAX_PER_USER`] (256) held a user; a user at the cap is refused, never another
+//!   user's token evicted (see [`tokens`] for why refusing beats evicting).
 //! - **Origin**: see [`origin_allowed`]. UCloud's web app runs on UCloud's own domain, so that
 //!   origin (e.g. `https://cloud.sdu.dk`) must be in the allowed list for consoles to work.
 //! - **Several viewers**: every WebSocket gets its own upstream stream. QEMU's VNC server

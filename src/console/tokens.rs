@@ -12,12 +12,35 @@
 //! - **short-lived**: the TTL bounds the time to *connect*. An expired token is remembered for
 //!   [`EXPIRED_MEMORY`] more so the page can say "this link expired" ([`TokenError::Expired`])
 //!   rather than "unknown" ([`TokenError::Unknown`]); after that it is purged. Purging is lazy,
-//!   at most every [`PURGE_EVERY`], during `issue` and `redeem`.
+//!   at most every [`PURGE_EVERY`], during `issue` and `redeem`, and sooner when room is needed
+//!   (below).
 //!
-//! Concurrency: one `std::sync::Mutex` around the table, held for a hash-map operation only,
-//! never across an `.await`. Time is `tokio::time::Instant`, so tests run on a paused clock.
+//! ## Limits: one user cannot crowd out another
+//! The table is shared by every user, so its bounds are per user, in the spirit of the
+//! short-lived single-use tickets of Nova's and Proxmox's consoles:
+//! - one request asks for at most [`MAX_PER_REQUEST`] tokens ([`TokenError::TooManyAtOnce`]);
+//! - one user holds at most [`MAX_PER_USER`] entries. Expired entries of that user are dropped
+//!   first to make room (they only refine an error message); if the user's *live* (unexpired,
+//!   unused) tokens still leave no room, the request is **refused**
+//!   ([`TokenError::UserFull`]), nothing is evicted. So the table holds at most
+//!   users × [`MAX_PER_USER`] entries, whatever anyone sends.
+//! - past the whole table's last-resort bound ([`MAX_ENTRIES`]), every expired entry is dropped,
+//!   and if that is not enough the request is refused ([`TokenError::Full`]). A live token is
+//!   never evicted, neither another user's nor the caller's own.
+//!
+//! Why refuse rather than evict the user's oldest token: a link that was handed out keeps its
+//! documented contract (usable once within the TTL) until it is used or expires, so a failure
+//! shows up at once, on the request that caused it, with a `why` that says what to do, instead
+//! of later, as a puzzling "unknown or already used" on a link the user did not touch. A
+//! person clicking "open console" never reaches [`MAX_PER_USER`] within one TTL; a script that
+//! does is only stopped until its own links expire. Issuing is **all or nothing**: a refused
+//! request issues no token at all.
+//!
+//! Concurrency: one `std::sync::Mutex` around the table, never held across an `.await`; a
+//! critical section is at most one request's worth ([`MAX_PER_REQUEST`]) of map operations or
+//! one purge. Time is `tokio::time::Instant`, so tests run on a paused clock.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -37,8 +60,15 @@ const MAX_TOKEN_CHARS: usize = 128;
 pub const EXPIRED_MEMORY: Duration = Duration::from_secs(10 * 60);
 /// Least time between two purges of expired entries.
 pub const PURGE_EVERY: Duration = Duration::from_secs(30);
-/// Bound on the table; past it the entry that expires first is dropped to make room.
-const MAX_ENTRIES: usize = 100_000;
+/// Most tokens one request may ask for. A job has at most `max_replicas` (8) ranks and two
+/// kinds of console, so a real request is far smaller; the bound keeps one request's work (and
+/// one critical section) small, and below [`MAX_PER_USER`] so a single request always fits.
+pub const MAX_PER_REQUEST: usize = 64;
+/// Most entries one user holds: live tokens plus expired ones still remembered.
+pub const MAX_PER_USER: usize = 256;
+/// Last-resort bound on the whole table, reached only with hundreds of users at their cap.
+/// Past it requests are refused; live tokens are never evicted (see the module docs).
+pub const MAX_ENTRIES: usize = 100_000;
 
 /// Which console a token opens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -78,18 +108,56 @@ pub enum TokenError {
         wanted: SessionKind,
         issued: SessionKind,
     },
+    /// Issuing: the request asks for more than [`MAX_PER_REQUEST`] tokens.
+    #[error("{requested} console sessions requested at once; at most {max} per request")]
+    TooManyAtOnce { requested: usize, max: usize },
+    /// Issuing: the user's live tokens leave no room for the request (see the module docs).
+    #[error(
+        "too many open console links ({open} unused, at most {max} per user; {requested} more \
+         requested); wait for them to expire (the oldest in {wait_secs} s) or use them"
+    )]
+    UserFull {
+        open: usize,
+        requested: usize,
+        max: usize,
+        wait_secs: u64,
+    },
+    /// Issuing: the whole table is at [`MAX_ENTRIES`] live tokens.
+    #[error("vmhost holds too many open console links; try again in a minute")]
+    Full,
 }
+
+/// Bounds of a table; [`SessionTokens::new`] takes the constants, tests take small ones.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    per_request: usize,
+    per_user: usize,
+    total: usize,
+}
+
+const LIMITS: Limits = Limits {
+    per_request: MAX_PER_REQUEST,
+    per_user: MAX_PER_USER,
+    total: MAX_ENTRIES,
+};
 
 /// The table of outstanding tokens. Share it behind an `Arc`.
 pub struct SessionTokens {
     ttl: Duration,
-    /// Only ever locked for a single map operation (see the module docs).
+    limits: Limits,
+    /// Only ever locked for one request's map operations or one purge (see the module docs).
     inner: Mutex<Table>,
 }
 
+/// Invariant: a digest is in `entries` if and only if it is in the `by_user` queue of its
+/// grant's user, and no queue is empty.
 struct Table {
     /// SHA-256 of the token → what it grants.
     entries: HashMap<[u8; 32], Entry>,
+    /// Each user's digests with their expiry, oldest first. One TTL for all and `now` read
+    /// under the lock make issue order the expiry order, so expired entries sit at the front
+    /// and the per-user cap is checked without scanning the table.
+    by_user: HashMap<String, VecDeque<([u8; 32], Instant)>>,
     next_purge: Instant,
 }
 
@@ -107,6 +175,19 @@ impl fmt::Debug for SessionTokens {
     }
 }
 
+/// Refuses a request for `requested` tokens above [`MAX_PER_REQUEST`]: lets a handler refuse
+/// before it does any per-item work.
+pub fn check_request_size(requested: usize) -> Result<(), TokenError> {
+    check_size(requested, MAX_PER_REQUEST)
+}
+
+fn check_size(requested: usize, max: usize) -> Result<(), TokenError> {
+    if requested > max {
+        return Err(TokenError::TooManyAtOnce { requested, max });
+    }
+    Ok(())
+}
+
 impl SessionTokens {
     /// A sensible time to connect: the browser opens the console right after UCloud hands it
     /// the URL.
@@ -114,35 +195,44 @@ impl SessionTokens {
 
     /// A table whose tokens must be redeemed within `ttl` of being issued.
     pub fn new(ttl: Duration) -> SessionTokens {
+        SessionTokens::with_limits(ttl, LIMITS)
+    }
+
+    fn with_limits(ttl: Duration, limits: Limits) -> SessionTokens {
         SessionTokens {
             ttl,
+            limits,
             inner: Mutex::new(Table {
                 entries: HashMap::new(),
+                by_user: HashMap::new(),
                 next_purge: Instant::now() + PURGE_EVERY,
             }),
         }
     }
 
     /// Issues a token for `grant`; only its digest is kept.
-    pub fn issue(&self, grant: Grant) -> String {
-        let mut raw = [0u8; TOKEN_BYTES];
-        OsRng.fill_bytes(&mut raw);
-        let token = URL_SAFE_NO_PAD.encode(raw);
-        let now = Instant::now();
+    pub fn issue(&self, grant: Grant) -> Result<String, TokenError> {
+        let mut tokens = self.issue_all(vec![grant])?;
+        // issue_all answers one token per grant.
+        Ok(tokens.pop().expect("one token for one grant"))
+    }
+
+    /// Issues one token per grant, in order, or none at all: a refusal (see the module docs)
+    /// leaves no token behind.
+    pub fn issue_all(&self, grants: Vec<Grant>) -> Result<Vec<String>, TokenError> {
+        check_size(grants.len(), self.limits.per_request)?;
+        // Drawn before locking: each is a call into the OS.
+        let tokens: Vec<String> = grants.iter().map(|_| new_token()).collect();
         let mut table = self.table();
+        // Read under the lock, so every user's queue stays in expiry order.
+        let now = Instant::now();
         table.purge_if_due(now);
-        if table.entries.len() >= MAX_ENTRIES {
-            table.purge(now);
-            table.evict_first_to_expire();
+        table.make_room(&grants, now, self.limits)?;
+        let expires = now + self.ttl;
+        for (token, grant) in tokens.iter().zip(grants) {
+            table.insert(digest(token), Entry { grant, expires });
         }
-        table.entries.insert(
-            digest(&token),
-            Entry {
-                grant,
-                expires: now + self.ttl,
-            },
-        );
-        token
+        Ok(tokens)
     }
 
     /// Redeems `token` for a console of `kind`. The token is gone afterwards, whatever the
@@ -155,7 +245,7 @@ impl SessionTokens {
         let entry = {
             let mut table = self.table();
             table.purge_if_due(now);
-            table.entries.remove(&digest(token))
+            table.remove(&digest(token))
         };
         let entry = entry.ok_or(TokenError::Unknown)?;
         if now >= entry.expires {
@@ -203,40 +293,147 @@ impl SessionTokens {
     }
 
     fn table(&self) -> MutexGuard<'_, Table> {
-        // A panic cannot leave the map half-updated (each critical section is one map
-        // operation), so a poisoned lock still guards consistent data.
+        // A panic cannot leave the table half-updated (`Table`'s methods restore its invariant
+        // before anything that can panic: map operations only), so a poisoned lock still
+        // guards consistent data.
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    #[cfg(test)]
+    fn with_limits_for_tests(
+        ttl: Duration,
+        per_request: usize,
+        per_user: usize,
+        total: usize,
+    ) -> SessionTokens {
+        SessionTokens::with_limits(
+            ttl,
+            Limits {
+                per_request,
+                per_user,
+                total,
+            },
+        )
     }
 
     #[cfg(test)]
     fn stored_digests_for_tests(&self) -> Vec<[u8; 32]> {
         self.table().entries.keys().copied().collect()
     }
+
+    /// Entries held for `user`, after checking the table's invariant.
+    #[cfg(test)]
+    fn held_by_for_tests(&self, user: &str) -> usize {
+        let table = self.table();
+        let queued: usize = table.by_user.values().map(VecDeque::len).sum();
+        assert_eq!(queued, table.entries.len(), "every entry is queued once");
+        for (u, queue) in &table.by_user {
+            assert!(!queue.is_empty(), "no empty queue is kept");
+            assert!(queue.iter().all(|(d, _)| table.entries[d].grant.user == *u));
+        }
+        table.held_by(user)
+    }
 }
 
 impl Table {
+    fn held_by(&self, user: &str) -> usize {
+        self.by_user.get(user).map_or(0, VecDeque::len)
+    }
+
+    fn insert(&mut self, key: [u8; 32], entry: Entry) {
+        let queue = self.by_user.entry(entry.grant.user.clone()).or_default();
+        queue.push_back((key, entry.expires));
+        self.entries.insert(key, entry);
+    }
+
+    fn remove(&mut self, key: &[u8; 32]) -> Option<Entry> {
+        let entry = self.entries.remove(key)?;
+        if let Some(queue) = self.by_user.get_mut(&entry.grant.user) {
+            queue.retain(|(k, _)| k != key);
+            if queue.is_empty() {
+                self.by_user.remove(&entry.grant.user);
+            }
+        }
+        Some(entry)
+    }
+
+    /// Checks that `grants` fit, dropping expired entries where that makes room; a refusal
+    /// leaves every live token in place (see the module docs).
+    fn make_room(
+        &mut self,
+        grants: &[Grant],
+        now: Instant,
+        limits: Limits,
+    ) -> Result<(), TokenError> {
+        let mut wanted: HashMap<&str, usize> = HashMap::new();
+        for grant in grants {
+            *wanted.entry(grant.user.as_str()).or_default() += 1;
+        }
+        for (&user, &requested) in &wanted {
+            if self.held_by(user) + requested <= limits.per_user {
+                continue;
+            }
+            self.forget_expired_of(user, now, Duration::ZERO);
+            let open = self.held_by(user);
+            if open + requested > limits.per_user {
+                let oldest = self.by_user.get(user).and_then(VecDeque::front);
+                let wait =
+                    oldest.map_or(Duration::ZERO, |&(_, e)| e.saturating_duration_since(now));
+                return Err(TokenError::UserFull {
+                    open,
+                    requested,
+                    max: limits.per_user,
+                    // Rounded up: "in 0 s" would invite a retry that is refused again.
+                    wait_secs: wait.as_secs() + u64::from(wait.subsec_nanos() > 0),
+                });
+            }
+        }
+        if self.entries.len() + grants.len() > limits.total {
+            self.forget_expired(now, Duration::ZERO);
+            if self.entries.len() + grants.len() > limits.total {
+                return Err(TokenError::Full);
+            }
+        }
+        Ok(())
+    }
+
     fn purge_if_due(&mut self, now: Instant) {
         if now >= self.next_purge {
-            self.purge(now);
+            self.forget_expired(now, EXPIRED_MEMORY);
+            self.next_purge = now + PURGE_EVERY;
         }
     }
 
-    /// Forgets tokens that expired more than [`EXPIRED_MEMORY`] ago.
-    fn purge(&mut self, now: Instant) {
-        self.entries.retain(|_, e| now < e.expires + EXPIRED_MEMORY);
-        self.next_purge = now + PURGE_EVERY;
+    /// Forgets every token that expired `memory` or more ago.
+    fn forget_expired(&mut self, now: Instant, memory: Duration) {
+        let users: Vec<String> = self.by_user.keys().cloned().collect();
+        for user in users {
+            self.forget_expired_of(&user, now, memory);
+        }
     }
 
-    fn evict_first_to_expire(&mut self) {
-        let first = self
-            .entries
-            .iter()
-            .min_by_key(|(_, e)| e.expires)
-            .map(|(k, _)| *k);
-        if let Some(key) = first {
+    /// Forgets `user`'s tokens that expired `memory` or more ago: a prefix of the queue.
+    fn forget_expired_of(&mut self, user: &str, now: Instant, memory: Duration) {
+        let Some(queue) = self.by_user.get_mut(user) else {
+            return;
+        };
+        while let Some(&(key, expires)) = queue.front() {
+            if now < expires + memory {
+                break;
+            }
+            queue.pop_front();
             self.entries.remove(&key);
         }
+        if queue.is_empty() {
+            self.by_user.remove(user);
+        }
     }
+}
+
+fn new_token() -> String {
+    let mut raw = [0u8; TOKEN_BYTES];
+    OsRng.fill_bytes(&mut raw);
+    URL_SAFE_NO_PAD.encode(raw)
 }
 
 fn digest(token: &str) -> [u8; 32] {
@@ -294,7 +491,7 @@ mod tests {
     #[tokio::test]
     async fn an_issued_token_redeems_to_its_grant() {
         let tokens = SessionTokens::new(SessionTokens::DEFAULT_TTL);
-        let token = tokens.issue(grant(SessionKind::Vnc));
+        let token = tokens.issue(grant(SessionKind::Vnc)).unwrap();
         assert_eq!(
             tokens.redeem(&token, SessionKind::Vnc),
             Ok(grant(SessionKind::Vnc))
@@ -305,7 +502,7 @@ mod tests {
     #[tokio::test]
     async fn a_token_is_single_use() {
         let tokens = SessionTokens::new(SessionTokens::DEFAULT_TTL);
-        let token = tokens.issue(grant(SessionKind::Shell));
+        let token = tokens.issue(grant(SessionKind::Shell)).unwrap();
         assert!(tokens.redeem(&token, SessionKind::Shell).is_ok());
         assert_eq!(
             tokens.redeem(&token, SessionKind::Shell),
@@ -316,9 +513,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_expired_token_says_expired_then_is_forgotten() {
         let tokens = SessionTokens::new(Duration::from_secs(60));
-        let late = tokens.issue(grant(SessionKind::Vnc));
-        let forgotten = tokens.issue(grant(SessionKind::Vnc));
-        let in_time = tokens.issue(grant(SessionKind::Vnc));
+        let late = tokens.issue(grant(SessionKind::Vnc)).unwrap();
+        let forgotten = tokens.issue(grant(SessionKind::Vnc)).unwrap();
+        let in_time = tokens.issue(grant(SessionKind::Vnc)).unwrap();
 
         tokio::time::advance(Duration::from_secs(59)).await;
         assert!(tokens.redeem(&in_time, SessionKind::Vnc).is_ok());
@@ -339,19 +536,170 @@ mod tests {
     async fn expired_tokens_are_purged_lazily() {
         let tokens = SessionTokens::new(Duration::from_secs(60));
         for _ in 0..10 {
-            tokens.issue(grant(SessionKind::Vnc));
+            tokens.issue(grant(SessionKind::Vnc)).unwrap();
         }
         assert_eq!(tokens.len(), 10);
         tokio::time::advance(Duration::from_secs(60) + EXPIRED_MEMORY).await;
         assert_eq!(tokens.len(), 10, "nothing purges without a call");
-        tokens.issue(grant(SessionKind::Shell));
+        tokens.issue(grant(SessionKind::Shell)).unwrap();
         assert_eq!(tokens.len(), 1, "the issue purged the old ones");
+    }
+
+    fn grant_for(user: &str, rank: u32) -> Grant {
+        Grant {
+            job_id: "job-1".into(),
+            rank,
+            user: user.into(),
+            kind: SessionKind::Vnc,
+        }
+    }
+
+    /// `n` tokens for `user`, in requests of at most [`MAX_PER_REQUEST`].
+    #[track_caller]
+    fn issue_many(tokens: &SessionTokens, user: &str, n: usize) -> Vec<String> {
+        let mut issued = Vec::new();
+        while issued.len() < n {
+            let batch = (n - issued.len()).min(MAX_PER_REQUEST);
+            let grants = (0..batch).map(|i| grant_for(user, i as u32)).collect();
+            issued.extend(tokens.issue_all(grants).unwrap());
+        }
+        issued
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_user_at_the_cap_is_refused_and_keeps_every_token() {
+        let tokens = SessionTokens::new(Duration::from_secs(60));
+        let alice = issue_many(&tokens, "alice", MAX_PER_USER);
+        tokio::time::advance(Duration::from_millis(20_500)).await;
+        assert_eq!(
+            tokens.issue(grant_for("alice", 0)),
+            Err(TokenError::UserFull {
+                open: MAX_PER_USER,
+                requested: 1,
+                max: MAX_PER_USER,
+                wait_secs: 40,
+            })
+        );
+        assert_eq!(tokens.held_by_for_tests("alice"), MAX_PER_USER);
+        for token in &alice {
+            assert!(tokens.redeem(token, SessionKind::Vnc).is_ok());
+        }
+        assert!(
+            tokens.issue(grant_for("alice", 0)).is_ok(),
+            "used links free room"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_request_issues_nothing() {
+        let tokens = SessionTokens::new(Duration::from_secs(60));
+        issue_many(&tokens, "alice", MAX_PER_USER - 10);
+        let eleven = (0..11).map(|r| grant_for("alice", r)).collect();
+        assert!(matches!(
+            tokens.issue_all(eleven),
+            Err(TokenError::UserFull { open, requested: 11, .. }) if open == MAX_PER_USER - 10
+        ));
+        assert_eq!(tokens.held_by_for_tests("alice"), MAX_PER_USER - 10);
+        let too_many = (0..=MAX_PER_REQUEST as u32)
+            .map(|r| grant_for("bob", r))
+            .collect();
+        assert_eq!(
+            tokens.issue_all(too_many),
+            Err(TokenError::TooManyAtOnce {
+                requested: MAX_PER_REQUEST + 1,
+                max: MAX_PER_REQUEST
+            })
+        );
+        assert_eq!(check_request_size(MAX_PER_REQUEST), Ok(()));
+        assert!(check_request_size(MAX_PER_REQUEST + 1).is_err());
+        assert_eq!(tokens.len(), MAX_PER_USER - 10);
+        let ten = (0..10).map(|r| grant_for("alice", r)).collect();
+        assert_eq!(
+            tokens.issue_all(ten).unwrap().len(),
+            10,
+            "exactly the room left"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_user_cannot_evict_or_exhaust_another() {
+        let tokens = SessionTokens::new(Duration::from_secs(60));
+        let bob = tokens.issue(grant_for("bob", 0)).unwrap();
+        // Alice floods: everything past her own cap is refused.
+        for _ in 0..(2 * MAX_PER_USER / MAX_PER_REQUEST) {
+            let grants = (0..MAX_PER_REQUEST as u32)
+                .map(|r| grant_for("alice", r))
+                .collect();
+            let _ = tokens.issue_all(grants);
+        }
+        assert_eq!(tokens.held_by_for_tests("alice"), MAX_PER_USER);
+        assert_eq!(
+            tokens.redeem(&bob, SessionKind::Vnc),
+            Ok(grant_for("bob", 0))
+        );
+        assert!(
+            tokens.issue(grant_for("bob", 1)).is_ok(),
+            "bob still gets links"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_table_refuses_rather_than_evicting_a_live_token() {
+        let tokens = SessionTokens::with_limits_for_tests(Duration::from_secs(60), 4, 8, 10);
+        let bob: Vec<String> = (0..3)
+            .map(|r| tokens.issue(grant_for("bob", r)).unwrap())
+            .collect();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let alice: Vec<String> = (0..7)
+            .map(|r| tokens.issue(grant_for("alice", r)).unwrap())
+            .collect();
+        assert_eq!(tokens.issue(grant_for("alice", 7)), Err(TokenError::Full));
+        assert_eq!(tokens.issue(grant_for("carol", 0)), Err(TokenError::Full));
+        assert_eq!(tokens.len(), 10);
+        for token in &bob {
+            assert!(tokens.redeem(token, SessionKind::Vnc).is_ok());
+        }
+        // Expired entries, whoever they belong to, make room.
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let carol = (0..4).map(|r| grant_for("carol", r)).collect();
+        assert!(tokens.issue_all(carol).is_ok());
+        assert_eq!(tokens.len(), 4, "alice's expired tokens made room");
+        assert_eq!(
+            tokens.redeem(&alice[0], SessionKind::Vnc),
+            Err(TokenError::Unknown)
+        );
+        assert_eq!(tokens.held_by_for_tests("alice"), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expired_tokens_make_room_so_the_table_stays_bounded() {
+        let tokens = SessionTokens::new(Duration::from_secs(60));
+        let mut last = Vec::new();
+        // Well within EXPIRED_MEMORY and PURGE_EVERY, so only the per-user cap purges.
+        for _ in 0..5 {
+            for user in ["alice", "bob"] {
+                last = issue_many(&tokens, user, MAX_PER_USER);
+            }
+            assert_eq!(tokens.len(), 2 * MAX_PER_USER);
+            assert_eq!(tokens.held_by_for_tests("alice"), MAX_PER_USER);
+            tokio::time::advance(Duration::from_secs(60)).await;
+        }
+        // The newest expired links are still told apart from unknown ones.
+        assert_eq!(
+            tokens.redeem(&last[0], SessionKind::Vnc),
+            Err(TokenError::Expired)
+        );
+        assert_eq!(tokens.held_by_for_tests("bob"), MAX_PER_USER - 1);
+        tokio::time::advance(EXPIRED_MEMORY).await;
+        tokens.issue(grant_for("carol", 0)).unwrap();
+        assert_eq!(tokens.len(), 1, "the periodic purge forgot the rest");
+        assert_eq!(tokens.held_by_for_tests("alice"), 0);
     }
 
     #[tokio::test]
     async fn a_token_for_the_other_kind_is_refused_and_burnt() {
         let tokens = SessionTokens::new(SessionTokens::DEFAULT_TTL);
-        let token = tokens.issue(grant(SessionKind::Vnc));
+        let token = tokens.issue(grant(SessionKind::Vnc)).unwrap();
         assert_eq!(
             tokens.redeem(&token, SessionKind::Shell),
             Err(TokenError::WrongKind {
@@ -368,7 +716,7 @@ mod tests {
     #[tokio::test]
     async fn tokens_are_stored_only_as_digests() {
         let tokens = SessionTokens::new(SessionTokens::DEFAULT_TTL);
-        let token = tokens.issue(grant(SessionKind::Vnc));
+        let token = tokens.issue(grant(SessionKind::Vnc)).unwrap();
         let stored = tokens.stored_digests_for_tests();
         assert_eq!(
             stored,
@@ -384,8 +732,8 @@ mod tests {
     #[tokio::test]
     async fn tokens_carry_256_random_bits_in_url_safe_text() {
         let tokens = SessionTokens::new(SessionTokens::DEFAULT_TTL);
-        let a = tokens.issue(grant(SessionKind::Vnc));
-        let b = tokens.issue(grant(SessionKind::Vnc));
+        let a = tokens.issue(grant(SessionKind::Vnc)).unwrap();
+        let b = tokens.issue(grant(SessionKind::Vnc)).unwrap();
         assert_ne!(a, b);
         assert_eq!(a.len(), 43);
         assert!(a
@@ -397,7 +745,7 @@ mod tests {
     #[tokio::test]
     async fn malformed_tokens_are_unknown() {
         let tokens = SessionTokens::new(SessionTokens::DEFAULT_TTL);
-        tokens.issue(grant(SessionKind::Vnc));
+        tokens.issue(grant(SessionKind::Vnc)).unwrap();
         for bad in ["", "x", &"A".repeat(10_000), "not base64 at all!"] {
             assert_eq!(
                 tokens.redeem(bad, SessionKind::Vnc),
