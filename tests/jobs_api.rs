@@ -863,3 +863,46 @@ async fn refusals_outside_the_handlers_speak_ucloud_errors() {
         assert!(body["errorCode"].is_string(), "{body}");
     }
 }
+
+/// Two vmhosts with the same `domain_prefix` on one hypervisor both name their first job's VM
+/// `vmhost-test-1-0`. The second one's define is refused, its job fails, and the first one's
+/// running VM is never touched.
+#[tokio::test]
+async fn another_vmhosts_domain_of_the_same_name_is_never_touched() {
+    let fake = Arc::new(FakeBackend::default());
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = TestDaemon::start(common::config(dir_a.path()), fake.clone()).await;
+    let b = TestDaemon::start(common::config(dir_b.path()), fake.clone()).await;
+    let id_a = a.create(vm_spec()).await;
+    a.wait_state(&id_a, "RUNNING", 10).await;
+    let id_b = b.create(vm_spec()).await;
+    assert_eq!(id_a, id_b, "both name their first job the same");
+    let job = b.wait_state(&id_b, "FAILURE", 10).await;
+    assert!(
+        statuses(&job).last().unwrap().1.contains("not this VM"),
+        "{job:#}"
+    );
+    let domain = &fake.snapshot()[&format!("vmhost-test-{id_a}-0")];
+    assert_eq!(
+        domain.state,
+        PowerState::Running,
+        "the first vmhost's VM was stopped"
+    );
+    assert_eq!(a.retrieve(&id_a).await["status"]["state"], "RUNNING");
+}
+
+/// A crash while the seed was written leaves a temporary file no record names; removing the VM
+/// still removes its whole directory.
+#[tokio::test]
+async fn terminate_removes_the_vms_directory_with_strays_in_it() {
+    let (d, _dir) = daemon().await;
+    let id = d.create(vm_spec()).await;
+    d.wait_state(&id, "RUNNING", 10).await;
+    let vm_dir = d.config.vm_dir().join(format!("vmhost-test-{id}-0"));
+    std::fs::create_dir_all(&vm_dir).unwrap();
+    std::fs::write(vm_dir.join(".seed.img.tmp-0123"), b"half a seed").unwrap();
+    d.post("/api/jobs/terminate", json!({ "items": [{ "id": id }] }))
+        .await;
+    d.wait_state(&id, "SUCCESS", 10).await;
+    assert!(!vm_dir.exists(), "{} is left behind", vm_dir.display());
+}

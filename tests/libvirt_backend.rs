@@ -125,7 +125,10 @@ async fn define_start_shutdown_remove_round_trip() {
         .expect("shutdown of a stopped domain is a no-op");
 
     std::fs::write(&s.console_log, b"boot log").expect("fake console log");
-    f.backend.remove(&s.name, &s.files()).await.expect("remove");
+    f.backend
+        .remove(&s.name, &s.owner(), &s.files())
+        .await
+        .expect("remove");
     let ev = wait_event(&mut events, EVENT_WAIT, |e| {
         matches!(e, VmEvent::Undefined { .. })
     })
@@ -141,7 +144,7 @@ async fn define_start_shutdown_remove_round_trip() {
         assert!(!file.exists(), "{} still exists", file.display());
     }
     f.backend
-        .remove(&s.name, &s.files())
+        .remove(&s.name, &s.owner(), &s.files())
         .await
         .expect("remove again is a no-op");
 }
@@ -172,7 +175,7 @@ async fn destroy_reports_destroyed_and_remove_stops_a_running_domain() {
 
     f.backend.start(&s.name).await.expect("start again");
     f.backend
-        .remove(&s.name, &s.files())
+        .remove(&s.name, &s.owner(), &s.files())
         .await
         .expect("remove a running domain");
     assert_eq!(f.backend.state(&s.name).await.expect("state"), None);
@@ -268,6 +271,7 @@ async fn list_returns_only_prefixed_domains_with_their_owner() {
     let prefix = unique_name("vmhost-test-list-");
     let mine = [format!("{prefix}-a"), format!("{prefix}-b&'<\">")];
     let other = unique_name("other-");
+    let mut defined = Vec::new();
     for (rank, name) in (0u32..).zip(mine.iter().chain([&other])) {
         let mut s = spec(dir.path(), name, &base, Accel::Kvm, BootMode::Disk);
         s.rank = rank;
@@ -278,6 +282,7 @@ async fn list_returns_only_prefixed_domains_with_their_owner() {
             tap: format!("vhtest{rank}"),
         }];
         backend.ensure_defined(&s).await.expect("define");
+        defined.push(s);
     }
     backend.start(&mine[1]).await.expect("start");
 
@@ -302,9 +307,24 @@ async fn list_returns_only_prefixed_domains_with_their_owner() {
         .expect("the driver's own domain");
     assert_eq!(foreign.owner, None);
 
-    for name in mine.iter().chain([&other]) {
-        let s = spec(dir.path(), name, &base, Accel::Kvm, BootMode::Disk);
-        backend.remove(name, &s.files()).await.expect("remove");
+    // Removing under another owner's name leaves the domain (and its state) alone.
+    let mut stranger = defined[1].owner();
+    stranger.agent_id = "another-vmhost".to_owned();
+    backend
+        .remove(&mine[1], &stranger, &defined[1].files())
+        .await
+        .expect("remove refuses quietly");
+    let state = backend.state(&mine[1]).await.expect("state");
+    assert_eq!(
+        state,
+        Some(PowerState::Running),
+        "another owner's domain was touched"
+    );
+    for s in &defined {
+        backend
+            .remove(&s.name, &s.owner(), &s.files())
+            .await
+            .expect("remove");
     }
     assert!(backend.list(&prefix).await.expect("list").is_empty());
 }
@@ -326,7 +346,7 @@ async fn missing_domains_are_reported_or_ignored_as_documented() {
         .await
         .expect("destroy of a missing domain");
     f.backend
-        .remove(&s.name, &s.files())
+        .remove(&s.name, &s.owner(), &s.files())
         .await
         .expect("remove of a missing domain");
     assert_eq!(f.backend.state(&s.name).await.expect("state"), None);
@@ -376,7 +396,10 @@ async fn consoles_are_unsupported_on_the_test_driver_and_checked_first() {
         matches!(e, BackendError::NotSupported { op: "open_serial" }),
         "{e:?}"
     );
-    f.backend.remove(&s.name, &s.files()).await.expect("remove");
+    f.backend
+        .remove(&s.name, &s.owner(), &s.files())
+        .await
+        .expect("remove");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -528,7 +551,10 @@ async fn reconnects_after_the_daemon_restarts() {
             name: s.name.clone()
         }
     );
-    backend.remove(&s.name, &s.files()).await.expect("remove");
+    backend
+        .remove(&s.name, &s.owner(), &s.files())
+        .await
+        .expect("remove");
 }
 
 // ---- the private network (on the shared `test:///default`, so a second, raw connection can

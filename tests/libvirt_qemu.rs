@@ -144,7 +144,7 @@ async fn remove_leftovers(backend: &LibvirtBackend) {
             console_log: gone,
         };
         backend
-            .remove(&d.name, &files)
+            .remove(&d.name, owner, &files)
             .await
             .expect("remove leftover");
     }
@@ -188,7 +188,10 @@ async fn real_qemu_tcg_guest_lifecycle() {
         let s = spec(dir.path(), &unique_name(PREFIX), &base, Accel::Tcg, boot);
         let outcome = tokio::spawn(lifecycle(backend.clone(), s.clone(), guest)).await;
         // Clean up even when the body failed.
-        backend.remove(&s.name, &s.files()).await.expect("remove");
+        backend
+            .remove(&s.name, &s.owner(), &s.files())
+            .await
+            .expect("remove");
         if let Err(e) = outcome {
             std::panic::resume_unwind(e.into_panic());
         }
@@ -376,7 +379,10 @@ async fn real_qemu_vnc_display_and_serial_console() {
     make_base_image(&base, 16);
     let s = spec(dir.path(), &unique_name(PREFIX), &base, Accel::Tcg, boot);
     let outcome = tokio::spawn(consoles(backend.clone(), s.clone())).await;
-    backend.remove(&s.name, &s.files()).await.expect("remove");
+    backend
+        .remove(&s.name, &s.owner(), &s.files())
+        .await
+        .expect("remove");
     if let Err(e) = outcome {
         std::panic::resume_unwind(e.into_panic());
     }
@@ -722,7 +728,10 @@ async fn real_domain_nics_get_the_tap_names_vmhost_chose() {
         bridge.name.clone(),
     ))
     .await;
-    backend.remove(&s.name, &s.files()).await.expect("remove");
+    backend
+        .remove(&s.name, &s.owner(), &s.files())
+        .await
+        .expect("remove");
     remove_network(&raw, &network.name);
     if let Err(e) = outcome {
         std::panic::resume_unwind(e.into_panic());

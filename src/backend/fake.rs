@@ -327,7 +327,19 @@ impl VmBackend for FakeBackend {
                 err: "injected define failure".into(),
             });
         }
-        self.domains()
+        let mut domains = self.domains();
+        if domains
+            .get(&spec.name)
+            .is_some_and(|d| d.spec.owner() != spec.owner())
+        {
+            // As the libvirt backend refuses it.
+            return Err(BackendError::Hypervisor {
+                op: "define",
+                name: spec.name.clone(),
+                err: "a domain with this name exists and is not this VM".into(),
+            });
+        }
+        domains
             .entry(spec.name.clone())
             .or_insert_with(|| FakeDomain {
                 spec: spec.clone(),
@@ -427,9 +439,20 @@ impl VmBackend for FakeBackend {
         Ok(())
     }
 
-    async fn remove(&self, name: &str, _files: &VmFiles) -> Result<(), BackendError> {
+    async fn remove(
+        &self,
+        name: &str,
+        owner: &DomainOwner,
+        _files: &VmFiles,
+    ) -> Result<(), BackendError> {
         self.check_available()?;
-        if self.domains().remove(name).is_some() {
+        let mut domains = self.domains();
+        if domains.get(name).is_some_and(|d| d.spec.owner() != *owner) {
+            return Ok(());
+        }
+        let removed = domains.remove(name).is_some();
+        drop(domains);
+        if removed {
             self.end_consoles(name);
             let _ = self.events.send(VmEvent::Undefined {
                 name: name.to_owned(),

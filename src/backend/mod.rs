@@ -208,6 +208,15 @@ pub struct VmSpec {
 }
 
 impl VmSpec {
+    /// The stamp in this VM's domain metadata.
+    pub fn owner(&self) -> DomainOwner {
+        DomainOwner {
+            agent_id: self.agent_id.clone(),
+            job_id: self.job_id.clone(),
+            rank: self.rank,
+        }
+    }
+
     /// Files this VM owns on the host, deleted by [`VmBackend::remove`].
     pub fn files(&self) -> VmFiles {
         VmFiles {
@@ -371,8 +380,16 @@ pub trait VmBackend: Send + Sync + 'static {
     async fn shutdown(&self, name: &str) -> Result<(), BackendError>;
     /// Powers the domain off at once; `Ok` if it is not running.
     async fn destroy(&self, name: &str) -> Result<(), BackendError>;
-    /// Powers off, undefines and deletes the VM's files; `Ok` if nothing is left already.
-    async fn remove(&self, name: &str, files: &VmFiles) -> Result<(), BackendError>;
+    /// Powers off and undefines the domain if it is `owner`'s, then deletes the VM's files;
+    /// `Ok` if nothing is left already. A domain of that name stamped for anyone else (another
+    /// vmhost on the same libvirt, or no stamp at all) is left alone: vmhost only ever removes
+    /// what it can prove it made.
+    async fn remove(
+        &self,
+        name: &str,
+        owner: &DomainOwner,
+        files: &VmFiles,
+    ) -> Result<(), BackendError>;
     /// Current power state, `None` when the domain does not exist.
     async fn state(&self, name: &str) -> Result<Option<PowerState>, BackendError>;
     /// Why a shut-off domain stopped, as the hypervisor recorded it; `None` if it is not shut

@@ -18,8 +18,8 @@ use super::manager::Inner;
 use super::state::{self, JobEvent, JobState, StopKind};
 use super::{messages, now_millis, spec, JobError, JobRecord, VmNaming};
 use crate::backend::{
-    BackendError, BootMode, DhcpHost, NicAttachment, NicSpec, PowerState, StopCause, VmEvent,
-    VmFiles, VmSpec,
+    BackendError, BootMode, DhcpHost, DomainOwner, NicAttachment, NicSpec, PowerState, StopCause,
+    VmEvent, VmFiles, VmSpec,
 };
 use crate::cloud_init::{self, NicAddressing, SeedNic, SeedSpec};
 use crate::images::BootKind;
@@ -619,8 +619,13 @@ pub(super) async fn remove_vm(ctx: &Inner, vm: &VmRecord) -> Result<(), JobError
         seed: vm.seed.clone(),
         console_log: vm.console_log.clone(),
     };
+    let owner = DomainOwner {
+        agent_id: ctx.deps.naming.agent_id.clone(),
+        job_id: vm.job_id.clone(),
+        rank: vm.rank,
+    };
     loop {
-        match ctx.deps.backend.remove(&vm.domain, &files).await {
+        match ctx.deps.backend.remove(&vm.domain, &owner, &files).await {
             Ok(()) => break,
             Err(e) => {
                 tracing::warn!(domain = %vm.domain, error = %error_chain(&e), "remove failed; retrying");
@@ -628,7 +633,9 @@ pub(super) async fn remove_vm(ctx: &Inner, vm: &VmRecord) -> Result<(), JobError
             }
         }
     }
-    match tokio::fs::remove_dir(&vm.dir).await {
+    // The whole directory: it is this VM's alone, and a crash mid-write can leave a temporary
+    // seed file in it that no record names.
+    match tokio::fs::remove_dir_all(&vm.dir).await {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => tracing::warn!(dir = %vm.dir.display(), error = %e, "cannot remove VM directory"),

@@ -34,8 +34,9 @@
 //!     gone): `recv` returns 0 or an error, the rx thread ends and drops the output sender; the
 //!     pump task sees that, shuts its duplex end down (the caller reads EOF) and ends, and the
 //!     tx thread ends as in the first case (with `finish` instead of `abort` after a clean EOF);
-//!   - the caller gives up while the attach itself runs: the unused stream is aborted by
-//!     [`Attached`] on the blocking thread.
+//!   - the caller gives up while the attach itself runs (or bridging fails): the unused stream
+//!     is aborted by [`Attached`], on a short-lived thread of its own, never on an async
+//!     worker.
 //!
 //!   Once bridged, the tx thread is the only one that ends the libvirt stream, exactly once.
 //! - Alternative not taken: a non-blocking stream driven by event-loop callbacks needs no
@@ -101,17 +102,24 @@ pub(super) fn open_console(c: &Connect, name: &str) -> Result<Opened<Attached>, 
     })
 }
 
-/// A console stream not yet handed to [`bridge_serial`]. If the caller gave up while
-/// [`open_console`] ran, this is dropped on the blocking thread that ran it, and aborts the
-/// stream so libvirtd does not keep the session open.
+/// A console stream not yet handed to [`bridge_serial`]. Dropped unused (the caller gave up
+/// while [`open_console`] ran, or bridging failed), it aborts the stream so libvirtd does not
+/// keep the session open.
 pub(super) struct Attached(Option<Stream>);
 
 impl Drop for Attached {
     fn drop(&mut self) {
         if let Some(stream) = self.0.take() {
-            if let Err(e) = stream.abort() {
-                tracing::debug!(error = %e, "cannot abort an unused console stream");
-            }
+            // Aborting is a round trip to libvirtd, and this may run on an async worker: tokio
+            // drops a finished blocking call's result where the abandoned future was polled.
+            let abort = move || {
+                if let Err(e) = stream.abort() {
+                    tracing::debug!(error = %e, "cannot abort an unused console stream");
+                }
+            };
+            let _ = std::thread::Builder::new()
+                .name("vmhost-con-abort".to_owned())
+                .spawn(abort);
         }
     }
 }
@@ -152,7 +160,7 @@ fn socket_from_fd(fd: u32) -> UnixStream {
 pub(super) fn bridge_serial(name: &str, mut attached: Attached) -> std::io::Result<ConsoleStream> {
     let stream = attached
         .0
-        .take()
+        .clone()
         .expect("an Attached holds its stream until bridged");
     let (caller, ours) = tokio::io::duplex(DUPLEX_BUFFER);
     // Sent to by the pump task (guest input), received by the tx thread; closed when the pump
@@ -167,9 +175,11 @@ pub(super) fn bridge_serial(name: &str, mut attached: Attached) -> std::io::Resu
     // The tx thread first: if the rx thread cannot start, dropping `in_tx` ends the tx thread
     // and the stream with it.
     let (tx_stream, tx_eof, domain) = (stream.clone(), eof.clone(), name.to_owned());
+    // Until the tx thread runs, `attached` still aborts the stream if this returns early.
     std::thread::Builder::new()
         .name("vmhost-con-tx".to_owned())
         .spawn(move || send_input(&domain, tx_stream, in_rx, &tx_eof))?;
+    attached.0 = None;
     let domain = name.to_owned();
     std::thread::Builder::new()
         .name("vmhost-con-rx".to_owned())

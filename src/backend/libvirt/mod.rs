@@ -365,10 +365,15 @@ impl Inner {
         Ok(())
     }
 
-    async fn remove(&self, name: &str, files: &VmFiles) -> Result<(), BackendError> {
-        let n = name.to_owned();
-        let removed = self
-            .call("remove", name, move |c| ops::remove(c, &n))
+    async fn remove(
+        &self,
+        name: &str,
+        owner: &DomainOwner,
+        files: &VmFiles,
+    ) -> Result<(), BackendError> {
+        let (n, o) = (name.to_owned(), owner.clone());
+        let removal = self
+            .call("remove", name, move |c| ops::remove(c, &n, &o))
             .await?;
         let mut paths: Vec<_> = files.all().into_iter().cloned().collect();
         for i in 0..ROTATED_LOGS {
@@ -384,8 +389,11 @@ impl Inner {
                     err: e.into(),
                 })?;
         }
-        if removed {
-            tracing::info!(domain = %name, "removed domain");
+        match removal {
+            ops::Removal::Removed => tracing::info!(domain = %name, "removed domain"),
+            ops::Removal::NotOurs => tracing::warn!(domain = %name,
+                "a domain of this name belongs to someone else; left alone, only this VM's files were deleted"),
+            ops::Removal::Absent => {}
         }
         Ok(())
     }
@@ -576,8 +584,13 @@ impl VmBackend for LibvirtBackend {
         Ok(())
     }
 
-    async fn remove(&self, name: &str, files: &VmFiles) -> Result<(), BackendError> {
-        self.inner.remove(name, files).await
+    async fn remove(
+        &self,
+        name: &str,
+        owner: &DomainOwner,
+        files: &VmFiles,
+    ) -> Result<(), BackendError> {
+        self.inner.remove(name, owner, files).await
     }
 
     async fn state(&self, name: &str) -> Result<Option<PowerState>, BackendError> {

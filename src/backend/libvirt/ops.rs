@@ -14,7 +14,9 @@ use virt::sys;
 
 use super::domain_xml;
 use super::network_xml::{self, NetworkInfo};
-use crate::backend::{DhcpHost, DomainInfo, PowerState, PrivateNetworkSpec, StopCause};
+use crate::backend::{
+    DhcpHost, DomainInfo, DomainOwner, PowerState, PrivateNetworkSpec, StopCause,
+};
 
 /// The connection itself failed (daemon gone, broken RPC): the caller should reconnect.
 pub(super) fn is_connection_error(e: &VirtError) -> bool {
@@ -96,14 +98,26 @@ fn destroy_if_active(d: &Domain) -> Result<bool, VirtError> {
     }
 }
 
-/// Destroys (if running) and undefines `name`; `true` if the domain existed.
-pub(super) fn remove(c: &Connect, name: &str) -> Result<bool, VirtError> {
+/// What [`remove`] found under a name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Removal {
+    Absent,
+    Removed,
+    /// A domain stamped for someone else (or not stamped): left as it was.
+    NotOurs,
+}
+
+/// Destroys (if running) and undefines `name` if its metadata names `owner`.
+pub(super) fn remove(c: &Connect, name: &str, owner: &DomainOwner) -> Result<Removal, VirtError> {
     let Some(d) = lookup(c, name)? else {
-        return Ok(false);
+        return Ok(Removal::Absent);
     };
+    if domain_xml::parse_owner(&d.xml_desc(0)?).as_ref() != Some(owner) {
+        return Ok(Removal::NotOurs);
+    }
     destroy_if_active(&d)?;
     undefine(c, name)?;
-    Ok(true)
+    Ok(Removal::Removed)
 }
 
 /// Undefines `name` with managed-save, snapshot metadata and NVRAM, dropping the flags the
