@@ -75,6 +75,22 @@ pub struct Config {
     pub reserved_memory_mib: u64,
     pub users: Vec<UserConfig>,
     pub products: Vec<ProductConfig>,
+    /// Serving UCloud/Core as one of its compute providers (`[ucloud]`); without it vmhost
+    /// serves only its standalone API.
+    pub ucloud: Option<UcloudConfig>,
+}
+
+/// What Core's provider registration hands out (`GET /api/providers/retrieve`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UcloudConfig {
+    /// Core's base URL, e.g. `https://cloud.example.org`; the control calls go there.
+    pub core_url: String,
+    /// The provider's refresh token, exchanged at Core for short-lived access tokens.
+    pub refresh_token: String,
+    /// The provider's `publicKey`: base64 DER SubjectPublicKeyInfo of the RSA key whose
+    /// private half Core signs its calls to this provider with.
+    pub public_key: String,
 }
 
 /// A standalone API user and their bearer token.
@@ -129,6 +145,7 @@ impl Default for Config {
             cloud_init_dir: None,
             private_network: PrivateNetworkConfig::default(),
             public_pools: Vec::new(),
+            ucloud: None,
             max_body_bytes: 1024 * 1024,
             sync_interval_secs: 10,
             max_replicas: 8,

@@ -21,6 +21,7 @@ pub mod console;
 pub mod images;
 pub mod jobs;
 pub mod network;
+pub mod provider;
 pub mod server;
 pub mod store;
 pub mod telemetry;

@@ -34,6 +34,14 @@ pub struct Utilization {
     pub pending: u32,
 }
 
+/// One job to create: for whom, what, and (for a job UCloud/Core created) Core's id.
+#[derive(Debug, Clone)]
+pub struct NewJobRequest {
+    pub owner: Owner,
+    pub spec: JobSpec,
+    pub core_id: Option<String>,
+}
+
 /// Everything the manager and its runners need.
 pub struct JobManagerDeps {
     pub config: Arc<Config>,
@@ -202,16 +210,43 @@ impl JobManager {
         owner: &Owner,
         specs: Vec<JobSpec>,
     ) -> Result<Vec<String>, JobError> {
+        let items = specs
+            .into_iter()
+            .map(|spec| NewJobRequest {
+                owner: owner.clone(),
+                spec,
+                core_id: None,
+            })
+            .collect();
+        self.create_jobs(items).await
+    }
+
+    /// Jobs UCloud/Core created, each under Core's id and for its own owner; as [`Self::create`]
+    /// otherwise. A Core id that already names a job here is a conflict.
+    pub async fn create_from_core(
+        &self,
+        items: Vec<NewJobRequest>,
+    ) -> Result<Vec<String>, JobError> {
+        self.create_jobs(items).await
+    }
+
+    async fn create_jobs(&self, items: Vec<NewJobRequest>) -> Result<Vec<String>, JobError> {
         let deps = &self.inner.deps;
-        if specs.is_empty() {
+        if items.is_empty() {
             return Err(JobError::BadRequest(
                 "items must hold at least one job".into(),
             ));
         }
-        let mut new_jobs = Vec::with_capacity(specs.len());
+        let mut new_jobs = Vec::with_capacity(items.len());
         let created_at = now_millis();
         let host_total = self.schedulable().await;
-        for (index, spec) in specs.into_iter().enumerate() {
+        for (index, item) in items.into_iter().enumerate() {
+            let NewJobRequest {
+                owner,
+                spec,
+                core_id,
+            } = item;
+            let owner = &owner;
             let plan = spec::validate(&spec, &deps.config, &deps.catalog)
                 .and_then(|plan| spec::check_user_data(&plan, &deps.templates).map(|()| plan))
                 .map_err(|source| JobError::InvalidSpec { index, source })?;
@@ -262,9 +297,11 @@ impl JobManager {
                 first_update,
                 public_ips: plan.public_ips,
                 unique,
+                core_id,
             });
         }
         let firsts: Vec<JobUpdate> = new_jobs.iter().map(|j| j.first_update.clone()).collect();
+        let owners: Vec<String> = new_jobs.iter().map(|j| j.owner.clone()).collect();
         let private_pool = deps.config.private_network().map(|p| p.pool());
         let ids = deps
             .store
@@ -272,14 +309,16 @@ impl JobManager {
             .await
             .map_err(|e| match e {
                 StoreError::AddressUnknown { .. } => JobError::BadRequest(e.to_string()),
-                StoreError::AddressInUse { .. } => JobError::Conflict(e.to_string()),
+                StoreError::AddressInUse { .. } | StoreError::CoreIdTaken { .. } => {
+                    JobError::Conflict(e.to_string())
+                }
                 StoreError::PoolExhausted { pool } => JobError::Conflict(format!(
                     "no address is left in {pool}; wait for other jobs to end"
                 )),
                 other => JobError::from(other),
             })?;
-        for (id, update) in ids.iter().zip(firsts) {
-            tracing::info!(job_id = %id, owner = %owner.0, "job accepted");
+        for ((id, update), owner) in ids.iter().zip(firsts).zip(owners) {
+            tracing::info!(job_id = %id, %owner, "job accepted");
             let _ = self.inner.changes.send(JobChange {
                 job_id: id.clone(),
                 update,

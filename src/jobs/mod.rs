@@ -20,7 +20,7 @@ pub mod spec;
 pub mod state;
 
 pub use crate::ucloud::{now_millis, Owner};
-pub use manager::{JobChange, JobManager, JobManagerDeps, Utilization};
+pub use manager::{JobChange, JobManager, JobManagerDeps, NewJobRequest, Utilization};
 pub use naming::VmNaming;
 pub use record::{JobRecord, JobUpdate};
 pub use spec::{JobSpec, LaunchPlan, SpecError};

@@ -9,6 +9,7 @@
 //! blocking pool. Schema versions live in [`schema`].
 
 mod addresses;
+mod core_jobs;
 mod queries;
 mod schema;
 
@@ -18,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use rusqlite::Connection;
 
 pub use addresses::{AddressedVm, JobAddresses};
+pub use core_jobs::CoreReport;
 pub use queries::{JobQuery, NewJob, VmRecord};
 
 use crate::jobs::record::{JobRecord, JobUpdate};
@@ -45,6 +47,8 @@ pub enum StoreError {
     AddressUnknown { id: String },
     #[error("public IP {id} is currently in use by job {job}")]
     AddressInUse { id: String, job: String },
+    #[error("UCloud job {core_id} already exists here")]
+    CoreIdTaken { core_id: String },
     #[error("job {id} is not running")]
     NotRunning { id: String },
     #[error("job {id} is already {state}")]
@@ -239,6 +243,30 @@ impl Store {
     /// Every VM record of every job (for reconciliation).
     pub async fn all_vms(&self) -> Result<Vec<VmRecord>, StoreError> {
         self.with(queries::all_vms).await
+    }
+
+    /// vmhost's id of the job Core calls `core_id`.
+    pub async fn job_id_for_core(&self, core_id: &str) -> Result<Option<String>, StoreError> {
+        let core_id = core_id.to_owned();
+        self.with(move |c| core_jobs::job_id_for(c, &core_id)).await
+    }
+
+    /// Core's id of job `job_id`, if Core created it.
+    pub async fn core_id_of(&self, job_id: &str) -> Result<Option<String>, StoreError> {
+        let job_id = job_id.to_owned();
+        self.with(move |c| core_jobs::core_id_of(c, &job_id)).await
+    }
+
+    /// Updates of Core's jobs that Core has not acknowledged yet, oldest first per job, at
+    /// most `limit`.
+    pub async fn unreported_updates(&self, limit: usize) -> Result<Vec<CoreReport>, StoreError> {
+        self.with(move |c| core_jobs::unreported(c, limit)).await
+    }
+
+    /// Core acknowledged each job's updates up to the given `seq`.
+    pub async fn mark_reported(&self, acknowledged: Vec<(String, u32)>) -> Result<(), StoreError> {
+        self.with(move |c| core_jobs::mark_reported(c, &acknowledged))
+            .await
     }
 }
 

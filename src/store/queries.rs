@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row};
 
-use super::{addresses, StoreError};
+use super::{addresses, core_jobs, StoreError};
 use crate::jobs::record::{JobRecord, JobUpdate};
 use crate::jobs::spec::JobSpec;
 use crate::jobs::state::JobState;
@@ -23,6 +23,8 @@ pub struct NewJob {
     /// Refuse the job while the owner has an active job with the same fingerprint
     /// (`allowDuplicateJob` unset).
     pub unique: bool,
+    /// Core's id for a job UCloud/Core created; `None` for the standalone API's jobs.
+    pub core_id: Option<String>,
 }
 
 /// A VM a job owns (or may own: the row exists before the VM is created).
@@ -152,6 +154,9 @@ pub(super) fn insert_jobs(
             ],
         )?;
         let id = tx.last_insert_rowid().to_string();
+        if let Some(core_id) = &job.core_id {
+            core_jobs::insert(&tx, &id, core_id)?;
+        }
         insert_update(&tx, &id, &job.first_update)?;
         addresses::bind_public_ips(&tx, &id, &job.owner, &job.public_ips)?;
         if let Some(pool) = private_pool {

@@ -79,6 +79,15 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (job_id, rank)
     );
     "#,
+    // 4: jobs UCloud/Core created, under Core's id, and how much of each job's history Core
+    // has acknowledged (`job_updates.seq`).
+    r#"
+    CREATE TABLE core_jobs (
+        job_id       INTEGER PRIMARY KEY REFERENCES jobs (id),
+        core_id      TEXT    NOT NULL UNIQUE,
+        reported_seq INTEGER NOT NULL DEFAULT 0
+    );
+    "#,
 ];
 
 pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {

@@ -1,0 +1,1 @@
+//! Core's control API as vmhost uses it: access tokens from the refresh token, and job updates.
