@@ -17,6 +17,7 @@ fn new_job(owner: &str, unique: bool) -> NewJob {
         first_update: update(JobState::InQueue),
         public_ips: Vec::new(),
         unique,
+        core_id: None,
     }
 }
 
