@@ -5,7 +5,7 @@ export DEBIAN_FRONTEND=noninteractive
 packages=(
   qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
   dnsmasq-base iptables nftables genisoimage mmdebstrap e2fsprogs cpio busybox-static
-  iproute2 openssh-client curl jq chromium mtools dosfstools python3
+  iproute2 openssh-client curl jq chromium mtools dosfstools python3 openssl
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -15,12 +15,17 @@ use crate::jobs::{JobManager, JobManagerDeps, VmNaming};
 use crate::network::guard::FirewallGuard;
 use crate::network::nft::{FakeFirewall, Firewall, NftFirewall};
 use crate::network::public_ips::PublicIps;
+use crate::provider::auth::CoreVerifier;
+use crate::provider::control::CoreClient;
+use crate::provider::reporter;
 use crate::store::Store;
 
 /// A vmhost ready to serve: its router and the manager behind it.
 pub struct Daemon {
     pub state: AppState,
     pub router: axum::Router,
+    /// The task reporting to UCloud/Core, when vmhost is its provider.
+    pub reporter: Option<tokio::task::AbortHandle>,
 }
 
 /// Builds the daemon from `config` and reconciles the store with the hypervisor.
@@ -54,6 +59,13 @@ pub async fn build_with(
     accel: Accel,
 ) -> anyhow::Result<Daemon> {
     config.validate().context("checking the configuration")?;
+    let core = match &config.ucloud {
+        Some(ucloud) => Some((
+            CoreVerifier::new(&ucloud.public_key).context("reading [ucloud] public_key")?,
+            CoreClient::new(ucloud).context("setting up the client of UCloud/Core")?,
+        )),
+        None => None,
+    };
     create_dir_traversable(&config.data_dir)?;
     create_dir_traversable(&config.vm_dir())?;
     let store = Store::open(&config.store_path()).context("opening the store")?;
@@ -112,9 +124,21 @@ pub async fn build_with(
         .sync()
         .await
         .context("installing the firewall rules of existing VMs")?;
-    let state = AppState::new(manager, public_ips, &users);
+    let mut state = AppState::new(manager, public_ips, &users);
+    let mut reporter = None;
+    if let Some((verifier, client)) = core {
+        tracing::info!("serving UCloud/Core as its provider");
+        let changes = state.manager.subscribe();
+        let store = state.manager.store().clone();
+        reporter = Some(reporter::spawn(store, client, changes).abort_handle());
+        state = state.with_core(verifier);
+    }
     let router = api::router(state.clone());
-    Ok(Daemon { state, router })
+    Ok(Daemon {
+        state,
+        router,
+        reporter,
+    })
 }
 
 /// Runs until SIGINT/SIGTERM. VMs keep running when vmhost exits.

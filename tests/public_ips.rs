@@ -263,23 +263,27 @@ async fn a_bound_address_gets_a_guarded_nic_and_is_released_at_terminate() {
     let job = d
         .create(job_with(json!([{"type": "network", "id": ip_id}])))
         .await;
-    let running = d.wait_state(&job, "RUNNING", 10).await;
-    let statuses: Vec<&str> = running["updates"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|u| u["status"].as_str())
-        .collect();
-    assert!(
-        statuses.contains(&format!("Attached public IP {address}").as_str()),
-        "{statuses:?}"
-    );
-    assert!(
-        statuses
+    d.wait_state(&job, "RUNNING", 10).await;
+    // The addresses are announced right after RUNNING is recorded.
+    let attached = format!("Attached public IP {address}");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let running = d.retrieve(&job).await;
+        let statuses: Vec<&str> = running["updates"]
+            .as_array()
+            .unwrap()
             .iter()
-            .any(|s| s.contains("private address 10.213.0.")),
-        "{statuses:?}"
-    );
+            .filter_map(|u| u["status"].as_str())
+            .collect();
+        let private = statuses
+            .iter()
+            .any(|s| s.contains("private address 10.213.0."));
+        if statuses.contains(&attached.as_str()) && private {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{statuses:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     assert_eq!(
         retrieve_ip(&d, &ip_id).await["status"]["boundTo"],
         json!([job])

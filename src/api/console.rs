@@ -40,7 +40,7 @@ pub(super) struct OpenSessionItem {
 
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-enum SessionType {
+pub(super) enum SessionType {
     Web,
     Vnc,
     Shell,
@@ -62,51 +62,87 @@ pub(super) async fn jobs_open_interactive_session(
     AppJson(request): AppJson<BulkRequest<OpenSessionItem>>,
 ) -> Result<Json<BulkResponse<Value>>, ApiError> {
     let config = state.manager.config();
+    let requests = request
+        .items
+        .into_iter()
+        .map(|item| SessionRequest {
+            owner: owner.clone(),
+            shown_id: item.id.clone(),
+            job_id: item.id,
+            rank: item.rank,
+            session_type: item.session_type,
+        })
+        .collect();
+    let sessions = open_sessions(&state, requests).await?;
+    let base = config.public_url.trim_end_matches('/');
+    let responses = sessions
+        .into_iter()
+        .map(|session| {
+            json!({ "providerDomain": base, "providerId": config.provider_id, "session": session })
+        })
+        .collect();
+    Ok(Json(BulkResponse { responses }))
+}
+
+/// One console session asked for, by the standalone API or by UCloud/Core.
+pub(super) struct SessionRequest {
+    pub(super) owner: Owner,
+    /// vmhost's id of the job.
+    pub(super) job_id: String,
+    /// The id the caller knows the job by (Core's own, for Core), echoed in the session.
+    pub(super) shown_id: String,
+    pub(super) rank: u32,
+    pub(super) session_type: SessionType,
+}
+
+/// UCloud's `OpenSession` of each request (`{"type":"vnc",...}` or `{"type":"shell",...}`).
+/// Every request is checked (owner, RUNNING, rank, not WEB) before any token is issued, and
+/// the tokens are issued all or nothing.
+pub(super) async fn open_sessions(
+    state: &AppState,
+    requests: Vec<SessionRequest>,
+) -> Result<Vec<Value>, ApiError> {
+    let config = state.manager.config();
     // Refused before any per-item work: one request cannot make vmhost look up thousands of
     // jobs, nor ask for more tokens than `issue_all` would grant.
-    tokens::check_request_size(request.items.len()).map_err(token_error)?;
-    // Check every item before issuing anything, so a refused request leaves no live token.
-    for item in &request.items {
-        if matches!(item.session_type, SessionType::Web) {
+    tokens::check_request_size(requests.len()).map_err(token_error)?;
+    for request in &requests {
+        if matches!(request.session_type, SessionType::Web) {
             return Err(ApiError::NotSupported(
                 "virtual machines have no web interface; use VNC or SHELL".into(),
             ));
         }
         state
             .manager
-            .console_domain(&owner, &item.id, item.rank)
+            .console_domain(&request.owner, &request.job_id, request.rank)
             .await?;
     }
     let base = config.public_url.trim_end_matches('/');
     let provider = &config.provider_id;
-    let grants = request
-        .items
+    let grants = requests
         .iter()
-        .map(|item| Grant {
-            job_id: item.id.clone(),
-            rank: item.rank,
-            user: owner.0.clone(),
-            kind: session_kind(item.session_type),
+        .map(|request| Grant {
+            job_id: request.job_id.clone(),
+            rank: request.rank,
+            user: request.owner.0.clone(),
+            kind: session_kind(request.session_type),
         })
         .collect();
-    // All or nothing: past the caller's or the host's cap, no token is issued.
     let tokens = state.tokens.issue_all(grants).map_err(token_error)?;
-    let mut responses = Vec::with_capacity(request.items.len());
-    for (item, token) in request.items.into_iter().zip(tokens) {
-        let session = match session_kind(item.session_type) {
+    let sessions = requests.into_iter().zip(tokens).map(|(request, token)| {
+        let (id, rank) = (request.shown_id, request.rank);
+        match session_kind(request.session_type) {
             SessionKind::Vnc => json!({
-                "type": "vnc", "jobId": item.id, "rank": item.rank,
+                "type": "vnc", "jobId": id, "rank": rank,
                 "url": format!("{base}/ucloud/{provider}/vnc?token={token}"),
                 "password": "",
             }),
             SessionKind::Shell => json!({
-                "type": "shell", "jobId": item.id, "rank": item.rank, "sessionIdentifier": token,
+                "type": "shell", "jobId": id, "rank": rank, "sessionIdentifier": token,
             }),
-        };
-        responses
-            .push(json!({ "providerDomain": base, "providerId": provider, "session": session }));
-    }
-    Ok(Json(BulkResponse { responses }))
+        }
+    });
+    Ok(sessions.collect())
 }
 
 fn session_kind(t: SessionType) -> SessionKind {

@@ -193,7 +193,7 @@ pub(super) async fn to_wire(state: &AppState, job: &JobRecord, flags: &JobInclud
     let config = state.manager.config();
     let product = config.product(&job.spec.product.id, &job.spec.product.category);
     let support = match (flags.include_support.unwrap_or(false), product) {
-        (true, Some(p)) => products::support_for(state, p).await,
+        (true, Some(p)) => products::support_for(state, p, true).await,
         _ => serde_json::Value::Null,
     };
     let resolved = Resolved {

@@ -1,5 +1,5 @@
 //! The HTTP and WebSocket surface: UCloud's end-user Jobs and public IP APIs, served
-//! standalone.
+//! standalone, and the provider calls UCloud/Core makes when vmhost is one of its providers.
 //!
 //! Handlers only translate: extract and authenticate, call [`crate::jobs::JobManager`], map the
 //! result. HTTP statuses are chosen in [`error`] alone.
@@ -12,6 +12,7 @@ mod jobs;
 mod networkips;
 mod paging;
 mod products;
+mod provider;
 pub mod types;
 
 use std::sync::Arc;
@@ -36,6 +37,8 @@ pub struct AppState {
     users: Arc<Vec<([u8; 32], String)>>,
     /// One-time console links handed out by `interactiveSession`.
     pub tokens: Arc<crate::console::SessionTokens>,
+    /// Checks UCloud/Core's calls; `None` unless vmhost is configured as Core's provider.
+    pub core: Option<Arc<crate::provider::auth::CoreVerifier>>,
 }
 
 impl AppState {
@@ -53,7 +56,14 @@ impl AppState {
             public_ips,
             users: Arc::new(users.collect()),
             tokens: Arc::new(crate::console::SessionTokens::new(ttl)),
+            core: None,
         }
+    }
+
+    /// Serves UCloud/Core's provider calls, checked with `verifier`.
+    pub fn with_core(mut self, verifier: crate::provider::auth::CoreVerifier) -> AppState {
+        self.core = Some(Arc::new(verifier));
+        self
     }
 
     /// Comparing digests rather than tokens keeps the comparison time independent of how
@@ -102,6 +112,45 @@ pub fn router(state: AppState) -> Router {
             ServeDir::new(web.join("node_modules/@xterm/xterm")),
         )
         .route("/api/jobs/updateAcl", post(jobs::jobs_not_supported))
+        .route("/ucloud/{provider}/jobs", post(provider::create))
+        .route(
+            "/ucloud/{provider}/jobs/terminate",
+            post(provider::terminate),
+        )
+        .route("/ucloud/{provider}/jobs/suspend", post(provider::suspend))
+        .route(
+            "/ucloud/{provider}/jobs/unsuspend",
+            post(provider::unsuspend),
+        )
+        .route("/ucloud/{provider}/jobs/extend", post(provider::extend))
+        .route(
+            "/ucloud/{provider}/jobs/interactiveSession",
+            post(provider::interactive_session),
+        )
+        .route(
+            "/ucloud/{provider}/jobs/retrieveProducts",
+            get(provider::retrieve_products),
+        )
+        .route(
+            "/ucloud/{provider}/jobs/verify",
+            post(provider::nothing_to_do),
+        )
+        .route(
+            "/ucloud/{provider}/jobs/init",
+            post(provider::nothing_to_do),
+        )
+        .route(
+            "/ucloud/{provider}/integration/init",
+            post(provider::nothing_to_do),
+        )
+        .route(
+            "/ucloud/{provider}/jobs/requestDynamicParameters",
+            post(provider::dynamic_parameters),
+        )
+        .route(
+            "/ucloud/{provider}/integration/retrieveManifest",
+            get(provider::manifest),
+        )
         .route(
             "/api/networkips",
             post(networkips::create).delete(networkips::delete),

@@ -22,7 +22,7 @@ pub(super) async fn jobs_retrieve_products(
     for p in &config.products {
         items.push(json!({
             "product": product(p, &config.provider_id),
-            "support": support_for(&state, p).await,
+            "support": support_for(&state, p, true).await,
         }));
     }
     let by_provider: BTreeMap<&str, Vec<Value>> = [(config.provider_id.as_str(), items)].into();
@@ -30,8 +30,8 @@ pub(super) async fn jobs_retrieve_products(
 }
 
 /// The product's `ComputeSupport`: enabled only while the hypervisor answers and the machine
-/// fits on this host at all.
-pub(super) async fn support_for(state: &AppState, p: &ProductConfig) -> Value {
+/// fits on this host at all. `logs` says whether the caller's follow stream is served.
+pub(super) async fn support_for(state: &AppState, p: &ProductConfig, logs: bool) -> Value {
     let fits = state.manager.schedulable().await.is_some_and(|total| {
         let needs = Resources {
             vcpus: u64::from(p.cpu),
@@ -42,7 +42,7 @@ pub(super) async fn support_for(state: &AppState, p: &ProductConfig) -> Value {
     });
     let features = VmFeatures {
         enabled: fits,
-        logs: true,
+        logs,
         vnc: true,
         terminal: true,
         time_extension: true,

@@ -175,6 +175,11 @@ impl JobManager {
         }
     }
 
+    /// The store, for the id maps and reports that sit beside the jobs (UCloud/Core's ids).
+    pub fn store(&self) -> &Store {
+        &self.inner.deps.store
+    }
+
     pub fn config(&self) -> &Config {
         &self.inner.deps.config
     }
@@ -185,10 +190,6 @@ impl JobManager {
 
     pub fn backend(&self) -> &Arc<dyn VmBackend> {
         &self.inner.deps.backend
-    }
-
-    pub(super) fn store(&self) -> &Store {
-        &self.inner.deps.store
     }
 
     pub(super) fn naming(&self) -> &VmNaming {

@@ -22,6 +22,7 @@ pub struct TestDaemon {
     pub client: reqwest::Client,
     server: tokio::task::JoinHandle<()>,
     manager: vmhost::jobs::JobManager,
+    reporter: Option<tokio::task::AbortHandle>,
 }
 
 pub fn config(dir: &std::path::Path) -> Config {
@@ -94,6 +95,7 @@ impl TestDaemon {
             .await
             .unwrap();
         let manager = daemon.state.manager.clone();
+        let reporter = daemon.reporter.clone();
         let server = tokio::spawn(async move {
             axum::serve(listener, daemon.router).await.unwrap();
         });
@@ -105,6 +107,7 @@ impl TestDaemon {
             client: reqwest::Client::new(),
             server,
             manager,
+            reporter,
         }
     }
 
@@ -112,6 +115,9 @@ impl TestDaemon {
     pub fn kill(self) {
         self.server.abort();
         self.manager.halt();
+        if let Some(reporter) = &self.reporter {
+            reporter.abort();
+        }
     }
 
     pub async fn call(
