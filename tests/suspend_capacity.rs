@@ -32,6 +32,19 @@ fn last_status(job: &Value) -> String {
         .to_owned()
 }
 
+/// Polls until the job's last update says `text`; panics after 10 s.
+async fn wait_status(d: &TestDaemon, id: &str, text: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let job = d.retrieve(id).await;
+        if last_status(&job).contains(text) {
+            return job;
+        }
+        assert!(Instant::now() < deadline, "{job:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn items(ids: &[&str]) -> Value {
     json!({ "items": ids.iter().map(|id| json!({ "id": id })).collect::<Vec<_>>() })
 }
@@ -315,15 +328,7 @@ async fn a_failed_unsuspend_keeps_the_disk() {
     d.fake.fail_start_of(&domain);
     let (status, _) = d.post("/api/jobs/unsuspend", items(&[&id])).await;
     assert_eq!(status, 200);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let job = loop {
-        let job = d.retrieve(&id).await;
-        if last_status(&job).contains("its disk is kept") {
-            break job;
-        }
-        assert!(Instant::now() < deadline, "{job:#}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let job = wait_status(&d, &id, "its disk is kept").await;
     assert_eq!(job["status"]["state"], "SUSPENDED");
     assert!(last_status(&job).contains("injected start failure"));
     assert!(
@@ -345,15 +350,7 @@ async fn an_unsuspend_without_its_base_image_stays_suspended_and_keeps_the_disk(
     std::fs::rename(&base, base.with_extension("away")).unwrap();
     let (status, _) = d.post("/api/jobs/unsuspend", items(&[&id])).await;
     assert_eq!(status, 200);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let job = loop {
-        let job = d.retrieve(&id).await;
-        if last_status(&job).contains("its disk is kept") {
-            break job;
-        }
-        assert!(Instant::now() < deadline, "{job:#}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let job = wait_status(&d, &id, "its disk is kept").await;
     assert_eq!(job["status"]["state"], "SUSPENDED", "{job:#}");
     assert!(last_status(&job).contains("base image"), "{job:#}");
     let domain = format!("vmhost-test-{id}-0");

@@ -201,11 +201,7 @@ pub(super) async fn suspend(
     _: CoreCall,
     AppJson(request): AppJson<BulkRequest<JobItem>>,
 ) -> Result<Json<BulkResponse<Unit>>, ApiError> {
-    let jobs: Vec<&CoreJob> = request.items.iter().map(|item| &item.job).collect();
-    for (owner, id) in local_jobs(&state, &jobs).await? {
-        state.manager.suspend(&owner, &[id]).await?;
-    }
-    Ok(acknowledged(jobs.len()))
+    power(&state, &request.items, Power::Off).await
 }
 
 /// `POST /ucloud/{provider}/jobs/unsuspend`.
@@ -214,9 +210,26 @@ pub(super) async fn unsuspend(
     _: CoreCall,
     AppJson(request): AppJson<BulkRequest<JobItem>>,
 ) -> Result<Json<BulkResponse<Unit>>, ApiError> {
-    let jobs: Vec<&CoreJob> = request.items.iter().map(|item| &item.job).collect();
-    for (owner, id) in local_jobs(&state, &jobs).await? {
-        state.manager.unsuspend(&owner, &[id]).await?;
+    power(&state, &request.items, Power::On).await
+}
+
+enum Power {
+    Off,
+    On,
+}
+
+/// Suspends or unsuspends each job, for its owner.
+async fn power(
+    state: &AppState,
+    items: &[JobItem],
+    power: Power,
+) -> Result<Json<BulkResponse<Unit>>, ApiError> {
+    let jobs: Vec<&CoreJob> = items.iter().map(|item| &item.job).collect();
+    for (owner, id) in local_jobs(state, &jobs).await? {
+        match power {
+            Power::Off => state.manager.suspend(&owner, &[id]).await?,
+            Power::On => state.manager.unsuspend(&owner, &[id]).await?,
+        }
     }
     Ok(acknowledged(jobs.len()))
 }
