@@ -8,8 +8,7 @@ use std::net::Ipv4Addr;
 
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
 
-use super::queries::row_id;
-use super::StoreError;
+use super::{row_id, StoreError};
 use crate::network::config::PublicPoolConfig;
 use crate::network::ip::{FirewallSpec, PublicIpRecord, PublicIpSpec};
 use crate::network::pool::AddressPool;

@@ -6,8 +6,7 @@
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
-use super::queries::row_id;
-use super::StoreError;
+use super::{row_id, StoreError};
 use crate::jobs::record::JobUpdate;
 use crate::jobs::state::JobState;
 

@@ -59,6 +59,15 @@ pub enum StoreError {
     Worker(#[from] tokio::task::JoinError),
 }
 
+/// The row id behind a job or public IP id, which is only ever written in canonical decimal:
+/// `"01"` or `"+1"` would reach row 1 under another name, and every later step keyed by the
+/// name (runners, consoles, followers) would then take it for a second resource.
+fn row_id(id: &str) -> Option<i64> {
+    id.parse::<i64>()
+        .ok()
+        .filter(|&n| n > 0 && n.to_string() == id)
+}
+
 /// Cheap-to-clone handle to the SQLite store.
 #[derive(Clone, Debug)]
 pub struct Store {

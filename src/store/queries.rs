@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row};
 
-use super::{addresses, core_jobs, StoreError};
+use super::{addresses, core_jobs, row_id, StoreError};
 use crate::jobs::record::{JobRecord, JobUpdate};
 use crate::jobs::spec::JobSpec;
 use crate::jobs::state::JobState;
@@ -69,15 +69,6 @@ pub struct JobQuery {
 }
 
 const FINAL_STATES: &str = "('SUCCESS','FAILURE','EXPIRED')";
-
-/// The row id behind a job or public IP id, which is only ever written in canonical decimal:
-/// `"01"` or `"+1"` would reach row 1 under another name, and every later step keyed by the
-/// name (runners, consoles, followers) would then take it for a second resource.
-pub(super) fn row_id(id: &str) -> Option<i64> {
-    id.parse::<i64>()
-        .ok()
-        .filter(|&n| n > 0 && n.to_string() == id)
-}
 
 pub(super) fn agent_id(c: &mut Connection) -> Result<String, StoreError> {
     let tx = c.transaction()?;
