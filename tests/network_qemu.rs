@@ -203,11 +203,13 @@ impl Ssh {
         ok(&mut self.command(world, host, remote))
     }
 
-    /// Waits until SSH on `host` answers (the guest has booted and cloud-init installed the key).
+    /// Waits until SSH on `host` answers and cloud-init has finished: its last modules may
+    /// restart sshd, and a connection attempted then is refused.
     async fn wait(&self, world: &World, host: &str, within: Duration) -> String {
         let deadline = Instant::now() + within;
         loop {
-            let out = run(&mut self.command(world, host, "hostname"));
+            let remote = "cloud-init status --wait >/dev/null 2>&1; hostname";
+            let out = run(&mut self.command(world, host, remote));
             if out.status.success() {
                 return String::from_utf8_lossy(&out.stdout).trim().to_owned();
             }
