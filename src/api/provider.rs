@@ -127,7 +127,7 @@ pub(super) async fn create(
         });
     }
     if !new_jobs.is_empty() {
-        state.manager.create_from_core(new_jobs).await?;
+        state.manager.create_requests(new_jobs).await?;
     }
     // vmhost generates no id of its own: Core's id is the job's name here too.
     let responses = (0..count).map(|_| json!({ "id": "" })).collect();

@@ -219,19 +219,15 @@ impl JobManager {
                 core_id: None,
             })
             .collect();
-        self.create_jobs(items).await
+        self.create_requests(items).await
     }
 
-    /// Jobs UCloud/Core created, each under Core's id and for its own owner; as [`Self::create`]
-    /// otherwise. A Core id that already names a job here is a conflict.
-    pub async fn create_from_core(
+    /// [`Self::create`] for jobs of several owners, and for jobs UCloud/Core created under its
+    /// own ids (a Core id that already names a job here is a conflict).
+    pub async fn create_requests(
         &self,
         items: Vec<NewJobRequest>,
     ) -> Result<Vec<String>, JobError> {
-        self.create_jobs(items).await
-    }
-
-    async fn create_jobs(&self, items: Vec<NewJobRequest>) -> Result<Vec<String>, JobError> {
         let deps = &self.inner.deps;
         if items.is_empty() {
             return Err(JobError::BadRequest(
