@@ -10,4 +10,5 @@ bash scripts/start-libvirt.sh
 export VMHOST_REQUIRE_REAL_VM=1
 cargo fmt --check
 cargo clippy --all-targets --quiet -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet
 cargo nextest run --no-fail-fast --profile ci "$@"

@@ -2,7 +2,7 @@
 //! standalone, and the provider calls UCloud/Core makes when vmhost is one of its providers.
 //!
 //! Handlers only translate: extract and authenticate, call [`crate::jobs::JobManager`], map the
-//! result. HTTP statuses are chosen in [`error`] alone.
+//! result. HTTP statuses are chosen in `error` alone.
 
 mod console;
 mod error;

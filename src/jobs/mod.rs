@@ -1,7 +1,7 @@
 //! Jobs: the front door ([`JobManager`]) and one runner task per active job.
 //!
 //! The manager validates requests, records them in the store and hands each active job to its
-//! runner (see [`runner`]); the runner is the only code that changes that job's VMs. Reads go
+//! runner (see `runner`); the runner is the only code that changes that job's VMs. Reads go
 //! straight to the store. Every change to a job is published on a broadcast channel that
 //! `follow` streams from.
 //!

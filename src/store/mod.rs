@@ -6,7 +6,7 @@
 //! KubeVirt does), so startup reconciliation always knows what may exist on the host.
 //!
 //! One connection behind a mutex; callers use the async methods, which run the SQL on the
-//! blocking pool. Schema versions live in [`schema`].
+//! blocking pool. Schema versions live in `schema`.
 
 mod addresses;
 mod core_jobs;
