@@ -55,6 +55,8 @@ struct Behaviour {
     fail_with: Option<StatusCode>,
     /// Answer refresh calls with a body that is not a refresh answer.
     garble_refresh: bool,
+    /// Answer 400 to update calls that carry any of these Core ids (after the token check).
+    refuse_ids: Vec<String>,
 }
 
 impl Default for Behaviour {
@@ -65,6 +67,7 @@ impl Default for Behaviour {
             refuse_all_tokens: false,
             fail_with: None,
             garble_refresh: false,
+            refuse_ids: Vec::new(),
         }
     }
 }
@@ -160,7 +163,17 @@ async fn update(
             .and_then(|b| log.issued.iter().position(|t| t == b));
         status = match known {
             Some(i) if i >= behaviour.valid_from && !behaviour.refuse_all_tokens => {
-                behaviour.fail_with.unwrap_or(StatusCode::OK)
+                let refused = items.iter().any(|item| {
+                    behaviour
+                        .refuse_ids
+                        .iter()
+                        .any(|id| item["id"] == id.as_str())
+                });
+                if refused {
+                    StatusCode::BAD_REQUEST
+                } else {
+                    behaviour.fail_with.unwrap_or(StatusCode::OK)
+                }
             }
             _ => StatusCode::UNAUTHORIZED,
         };
@@ -714,4 +727,44 @@ async fn nothing_is_sent_for_no_updates() {
     client(&base, REFRESH_TOKEN).update_jobs(&[]).await.unwrap();
     let log = core.log();
     assert!(log.refreshes.is_empty() && log.attempts.is_empty());
+}
+
+/// Core refuses one job's updates for good (it deleted the job, say): they are set aside and
+/// the other jobs' updates still arrive, now and later.
+#[tokio::test]
+async fn a_job_core_refuses_for_good_does_not_hold_up_the_others() {
+    let (core, base) = fake_core().await;
+    core.behave(|b| b.refuse_ids = vec!["gone".to_owned()]);
+    let (store, _dir) = store().await;
+    let gone = insert_job(&store, Some("gone"), 100).await;
+    let kept = insert_job(&store, Some("kept"), 200).await;
+    store
+        .append_update(&gone, update_of(101, Some(JobState::Running), "running"))
+        .await
+        .unwrap();
+    let (_tx, rx) = quiet_changes();
+    let task = reporter::spawn_with(store.clone(), client(&base, REFRESH_TOKEN), rx, quick());
+    all_reported(&store).await;
+    store
+        .append_update(&kept, update_of(201, Some(JobState::Running), "running"))
+        .await
+        .unwrap();
+    let log = core
+        .wait_for("both updates of the kept job", |log| {
+            log.accepted.len() == 2
+        })
+        .await;
+    task.abort();
+    assert_eq!(
+        log.accepted,
+        [
+            wire("kept", 200, Some(JobState::InQueue), "queued"),
+            wire("kept", 201, Some(JobState::Running), "running"),
+        ]
+    );
+    assert!(
+        log.attempts.iter().any(|a| a.status == 400),
+        "the mixed batch was refused first: {:#?}",
+        log.attempts
+    );
 }

@@ -24,8 +24,10 @@
 //! receiver loses nothing. Changes that arrive while backing off do not cut the backoff short.
 //! A failure streak is logged at warn once, its end at info.
 //!
-//! A refused batch is retried whole, whatever the status: a refusal that never goes away
-//! (an update Core rejects for good) holds up all later updates until it is dealt with.
+//! A batch Core refuses for good (a 4xx other than 401, 408 or 429) is sent again job by job:
+//! the job whose updates Core refuses (one it deleted, say) is set aside with a warning, so it
+//! cannot hold up every later update, and the others are delivered. Any other failure retries
+//! the whole batch after the backoff.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -153,16 +155,56 @@ async fn deliver(store: &Store, client: &CoreClient, batch: usize) -> Result<usi
     if reports.is_empty() {
         return Ok(0);
     }
-    client
-        .update_jobs(&reports)
-        .await
-        .map_err(ReporterError::Core)?;
+    match client.update_jobs(&reports).await {
+        Ok(()) => {}
+        Err(err) if refused_for_good(&err) => {
+            deliver_job_by_job(store, client, &reports).await?;
+            return Ok(reports.len());
+        }
+        Err(err) => return Err(ReporterError::Core(err)),
+    }
     store
         .mark_reported(acknowledged(&reports))
         .await
         .map_err(ReporterError::Store)?;
     tracing::debug!(count = reports.len(), "Core accepted job updates");
     Ok(reports.len())
+}
+
+/// Core refused the batch in a way retrying will not change (a 4xx other than 401, 408 and
+/// 429): some job's updates are unacceptable to it, say a job Core has deleted since.
+fn refused_for_good(err: &ControlError) -> bool {
+    match err {
+        ControlError::Refused { status, .. } => {
+            status.is_client_error() && ![401, 408, 429].contains(&status.as_u16())
+        }
+        _ => false,
+    }
+}
+
+/// Sends each job's updates on their own, so that the job Core refuses for good does not hold
+/// up the others: its updates are set aside (logged, and recorded as reported) and the rest
+/// are delivered. Any other failure ends the round, keeping what was delivered so far.
+async fn deliver_job_by_job(
+    store: &Store,
+    client: &CoreClient,
+    reports: &[CoreReport],
+) -> Result<(), ReporterError> {
+    for job in reports.chunk_by(|a, b| a.job_id == b.job_id) {
+        match client.update_jobs(job).await {
+            Ok(()) => {}
+            Err(err) if refused_for_good(&err) => {
+                tracing::warn!(core_id = %job[0].core_id, updates = job.len(),
+                    error = %error_chain(&err), "Core refuses these updates of its job; they are set aside");
+            }
+            Err(err) => return Err(ReporterError::Core(err)),
+        }
+        store
+            .mark_reported(acknowledged(job))
+            .await
+            .map_err(ReporterError::Store)?;
+    }
+    Ok(())
 }
 
 /// Each job's highest `seq` among `reports`. The store hands out a gap-free prefix of each
