@@ -300,23 +300,6 @@ impl SessionTokens {
     }
 
     #[cfg(test)]
-    fn with_limits_for_tests(
-        ttl: Duration,
-        per_request: usize,
-        per_user: usize,
-        total: usize,
-    ) -> SessionTokens {
-        SessionTokens::with_limits(
-            ttl,
-            Limits {
-                per_request,
-                per_user,
-                total,
-            },
-        )
-    }
-
-    #[cfg(test)]
     fn stored_digests_for_tests(&self) -> Vec<[u8; 32]> {
         self.table().entries.keys().copied().collect()
     }
@@ -645,7 +628,12 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_full_table_refuses_rather_than_evicting_a_live_token() {
-        let tokens = SessionTokens::with_limits_for_tests(Duration::from_secs(60), 4, 8, 10);
+        let limits = Limits {
+            per_request: 4,
+            per_user: 8,
+            total: 10,
+        };
+        let tokens = SessionTokens::with_limits(Duration::from_secs(60), limits);
         let bob: Vec<String> = (0..3)
             .map(|r| tokens.issue(grant_for("bob", r)).unwrap())
             .collect();
