@@ -7,7 +7,7 @@ use tokio::sync::{broadcast, mpsc};
 
 use super::capacity::Resources;
 use super::runner::{self, RunnerMsg};
-use super::spec::{self, SimpleDuration, MAX_TIME_ALLOCATION_MS};
+use super::spec::{self, SimpleDuration};
 use super::state::{self, JobEvent};
 use super::{messages, now_millis, JobError, JobRecord, JobSpec, JobUpdate, SpecError, VmNaming};
 use crate::backend::{Accel, VmBackend};
@@ -449,7 +449,7 @@ impl JobManager {
     }
 
     /// Adds time to each job's deadline; all must have one and be active, and no job's
-    /// allocation may pass [`MAX_TIME_ALLOCATION_MS`], counting every item of the request.
+    /// allocation may pass [`spec::MAX_TIME_ALLOCATION_MS`], counting every item of the request.
     pub async fn extend(
         &self,
         owner: &Owner,
@@ -469,16 +469,8 @@ impl JobManager {
                 return Err(JobError::NoDeadline { id: job.id });
             };
             let total = allocations.entry(job.id.clone()).or_insert(allocated);
-            *total = total
-                .checked_add(by.as_millis())
-                .filter(|&t| t <= MAX_TIME_ALLOCATION_MS)
-                .ok_or_else(|| {
-                    JobError::BadRequest(format!(
-                        "job {}: a time allocation may not exceed {} hours",
-                        job.id,
-                        MAX_TIME_ALLOCATION_MS / 3_600_000
-                    ))
-                })?;
+            *total = spec::within_allocation_limit(total.checked_add(by.as_millis()))
+                .map_err(|why| JobError::BadRequest(format!("job {}: {why}", job.id)))?;
             jobs.push(job);
         }
         for (job, (_, by)) in jobs.iter().zip(items) {

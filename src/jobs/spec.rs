@@ -37,6 +37,18 @@ pub struct SimpleDuration {
 /// deadline far from overflowing milliseconds since the epoch.
 pub const MAX_TIME_ALLOCATION_MS: i64 = 10 * 365 * 24 * 3_600_000;
 
+/// `ms` if it is a time allocation within [`MAX_TIME_ALLOCATION_MS`]; `None` stands for a sum
+/// that overflowed on the way.
+pub fn within_allocation_limit(ms: Option<i64>) -> Result<i64, String> {
+    ms.filter(|&ms| ms <= MAX_TIME_ALLOCATION_MS)
+        .ok_or_else(|| {
+            format!(
+                "a time allocation may not exceed {} hours",
+                MAX_TIME_ALLOCATION_MS / 3_600_000
+            )
+        })
+}
+
 impl SimpleDuration {
     pub fn as_millis(self) -> i64 {
         (i64::from(self.hours) * 3600 + i64::from(self.minutes) * 60 + i64::from(self.seconds))
@@ -183,11 +195,9 @@ pub fn validate(
     if time_allocation_ms == Some(0) {
         return invalid("timeAllocation must be longer than zero");
     }
-    if time_allocation_ms.is_some_and(|ms| ms > MAX_TIME_ALLOCATION_MS) {
-        return invalid(format!(
-            "timeAllocation may not exceed {} hours",
-            MAX_TIME_ALLOCATION_MS / 3_600_000
-        ));
+    if let Some(ms) = time_allocation_ms {
+        within_allocation_limit(Some(ms))
+            .map_err(|why| SpecError::Invalid(format!("timeAllocation: {why}")))?;
     }
     let params = spec.parameters.clone().unwrap_or_default();
     let mut plan = LaunchPlan {
