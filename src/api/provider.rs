@@ -111,17 +111,18 @@ pub(super) async fn create(
     AppJson(request): AppJson<BulkRequest<CoreJob>>,
 ) -> Result<Json<BulkResponse<Value>>, ApiError> {
     let count = request.items.len();
+    let store = state.manager.store();
     let mut new_jobs = Vec::with_capacity(count);
     for (index, job) in request.items.into_iter().enumerate() {
-        let store = &state.manager.store();
         if store.job_id_for_core(&job.id).await?.is_some() {
             tracing::info!(core_id = %job.id, "UCloud job exists already; create skipped");
             continue;
         }
-        let spec = job_spec(job.specification.clone().unwrap_or(Value::Null))
+        let owner = job.owner();
+        let spec = job_spec(job.specification.unwrap_or(Value::Null))
             .map_err(|why| ApiError::BadRequest(format!("item {index}: {why}")))?;
         new_jobs.push(NewJobRequest {
-            owner: job.owner(),
+            owner,
             spec,
             core_id: Some(job.id),
         });
