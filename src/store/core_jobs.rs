@@ -4,7 +4,7 @@
 //! A job's updates are reported in `seq` order; `reported_seq` moves only once Core accepted
 //! them, so a restart or an unreachable Core delays reports but never loses or reorders them.
 
-use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Transaction};
 
 use super::{row_id, StoreError};
 use crate::jobs::record::JobUpdate;
@@ -19,25 +19,21 @@ pub struct CoreReport {
     pub update: JobUpdate,
 }
 
-/// Records Core's id of a new job, in the transaction that inserts it.
+/// Records Core's id of a new job, in the transaction that inserts it. The job is new, so
+/// only `core_id`'s UNIQUE constraint can refuse the row.
 pub(super) fn insert(tx: &Transaction<'_>, job_id: &str, core_id: &str) -> Result<(), StoreError> {
-    let taken = tx
-        .query_row(
-            "SELECT 1 FROM core_jobs WHERE core_id = ?1",
-            [core_id],
-            |_| Ok(()),
-        )
-        .optional()?;
-    if taken.is_some() {
-        return Err(StoreError::CoreIdTaken {
-            core_id: core_id.to_owned(),
-        });
-    }
-    tx.execute(
+    let inserted = tx.execute(
         "INSERT INTO core_jobs (job_id, core_id) VALUES (?1, ?2)",
         params![job_id, core_id],
-    )?;
-    Ok(())
+    );
+    match inserted {
+        Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == ErrorCode::ConstraintViolation => {
+            Err(StoreError::CoreIdTaken {
+                core_id: core_id.to_owned(),
+            })
+        }
+        other => other.map(drop).map_err(StoreError::from),
+    }
 }
 
 pub(super) fn job_id_for(c: &mut Connection, core_id: &str) -> Result<Option<String>, StoreError> {

@@ -147,3 +147,32 @@ async fn a_suspend_is_asked_of_running_jobs_only_and_all_or_none() {
         .expect("a running job");
     assert!(store.job(&ids[0]).await.unwrap().unwrap().suspend_requested);
 }
+
+#[tokio::test]
+async fn a_core_id_names_one_job_only() {
+    let (store, _dir) = store().await;
+    let from_core = |id: &str| NewJob {
+        core_id: Some(id.to_owned()),
+        ..new_job("alice", false)
+    };
+    let ids = store
+        .insert_jobs(vec![from_core("54112")], None)
+        .await
+        .expect("first");
+    let again = store
+        .insert_jobs(vec![from_core("54113"), from_core("54112")], None)
+        .await;
+    assert!(
+        matches!(&again, Err(StoreError::CoreIdTaken { core_id }) if core_id == "54112"),
+        "{again:?}"
+    );
+    assert_eq!(
+        store.job_id_for_core("54113").await.unwrap(),
+        None,
+        "all or none"
+    );
+    assert_eq!(
+        store.job_id_for_core("54112").await.unwrap(),
+        Some(ids[0].clone())
+    );
+}
