@@ -299,15 +299,7 @@ async fn one_user_flooding_console_links_cannot_break_another_users_link() {
     };
     let mut flood = Vec::new();
     for _ in 0..5 {
-        flood.push(
-            d.call(
-                "POST",
-                "/api/jobs/interactiveSession",
-                TOKEN,
-                Some(items(20_000)),
-            )
-            .await,
-        );
+        flood.push(d.post("/api/jobs/interactiveSession", items(20_000)).await);
     }
     // Checked before alice's statuses, so the bug shows as what bob sees.
     assert!(
@@ -326,14 +318,7 @@ async fn one_user_flooding_console_links_cannot_break_another_users_link() {
     // Alice at her own cap of 256 open links: refused, and a refused request issues nothing.
     let mut alice_urls = Vec::new();
     for _ in 0..4 {
-        let (status, body) = d
-            .call(
-                "POST",
-                "/api/jobs/interactiveSession",
-                TOKEN,
-                Some(items(64)),
-            )
-            .await;
+        let (status, body) = d.post("/api/jobs/interactiveSession", items(64)).await;
         assert_eq!(status, 200, "{body}");
         alice_urls.push(
             body["responses"][0]["session"]["url"]
@@ -342,14 +327,7 @@ async fn one_user_flooding_console_links_cannot_break_another_users_link() {
                 .replace("http://", "ws://"),
         );
     }
-    let (status, body) = d
-        .call(
-            "POST",
-            "/api/jobs/interactiveSession",
-            TOKEN,
-            Some(items(1)),
-        )
-        .await;
+    let (status, body) = d.post("/api/jobs/interactiveSession", items(1)).await;
     assert_eq!(status, 409, "{body}");
     let why = body["why"].as_str().unwrap();
     assert!(
@@ -358,14 +336,7 @@ async fn one_user_flooding_console_links_cannot_break_another_users_link() {
     );
     // One link used leaves room for exactly one: a 64-item request is refused whole.
     assert!(ws::connect(&alice_urls[0], None, None).await.is_ok());
-    let (status, body) = d
-        .call(
-            "POST",
-            "/api/jobs/interactiveSession",
-            TOKEN,
-            Some(items(64)),
-        )
-        .await;
+    let (status, body) = d.post("/api/jobs/interactiveSession", items(64)).await;
     assert_eq!(status, 409, "{body}");
     let (status, body) = open_session(&d, TOKEN, &alices, "VNC").await;
     assert_eq!(status, 200, "the refused request issued nothing: {body}");
