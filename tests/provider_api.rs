@@ -6,7 +6,6 @@ mod common;
 mod fake_core;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use common::{vm_spec, TestDaemon, TOKEN};
 use fake_core::{core_claims, CoreKeys, FakeCore};
@@ -58,21 +57,6 @@ impl Provider {
         let jobs = page["items"].as_array().unwrap().clone();
         assert_eq!(jobs.len(), 1, "one job for Core's {core_id}: {page:#}");
         jobs[0].clone()
-    }
-
-    async fn wait_local_state(&self, core_id: &str, state: &str) -> Value {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let job = self.local_job(core_id).await;
-            if job["status"]["state"] == state {
-                return job;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "never {state}: {job:#}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
     }
 }
 
@@ -173,9 +157,12 @@ async fn core_runs_a_vm_under_its_own_job_id_through_its_whole_life() {
         (200, &json!({ "responses": [{ "id": "" }] })),
         "{body}"
     );
-    let job = p.wait_local_state("54112", "RUNNING").await;
+    let local_id = p.local_job("54112").await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let job = p.d.wait_state(&local_id, "RUNNING", 10).await;
     assert_eq!(job["owner"]["createdBy"], "alice");
-    let local_id = job["id"].as_str().unwrap().to_owned();
     let domain = format!("vmhost-test-{local_id}-0");
     assert_eq!(p.d.fake.snapshot()[&domain].state, PowerState::Running);
 
@@ -202,11 +189,11 @@ async fn core_runs_a_vm_under_its_own_job_id_through_its_whole_life() {
         .core_post("/ucloud/vmhost/jobs/suspend", item.clone())
         .await;
     assert_eq!(status, 200, "{body}");
-    p.wait_local_state("54112", "SUSPENDED").await;
+    p.d.wait_state(&local_id, "SUSPENDED", 10).await;
     assert_eq!(p.d.fake.snapshot()[&domain].state, PowerState::ShutOff);
     let (status, body) = p.core_post("/ucloud/vmhost/jobs/unsuspend", item).await;
     assert_eq!(status, 200, "{body}");
-    p.wait_local_state("54112", "RUNNING").await;
+    p.d.wait_state(&local_id, "RUNNING", 10).await;
 
     let terminate = json!({ "items": [core_job("54112")] });
     let (status, body) = p
@@ -217,7 +204,7 @@ async fn core_runs_a_vm_under_its_own_job_id_through_its_whole_life() {
         (200, &json!({ "responses": [{}] })),
         "{body}"
     );
-    p.wait_local_state("54112", "SUCCESS").await;
+    p.d.wait_state(&local_id, "SUCCESS", 10).await;
     assert!(p.d.fake.snapshot().is_empty(), "the VM is gone");
     let (status, _) = p
         .core_post("/ucloud/vmhost/jobs/terminate", terminate)
